@@ -1,0 +1,69 @@
+"""What is in a checkpoint folder: steps, which are complete, which are damaged.
+
+A checkpoint ``FOLDER/step-N/`` is *committed* when it holds ``COMMITTED``, a
+JSON marker that rank 0 writes only after the (async) save finished on every
+rank.  The marker lists every file of the checkpoint with its size, so a
+checkpoint truncated or partly deleted afterwards is recognised without
+reading it.  Object stores have no atomic rename, so the marker, written
+last, is what makes a checkpoint visible.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from titan_moe.checkpoint import storage
+
+MARKER = "COMMITTED"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class CheckpointInfo:
+    step: int
+    path: str
+    committed: bool
+    problem: str | None  # why it cannot be loaded, None when it can
+    size_bytes: int
+    saved_at: float | None
+
+    @property
+    def loadable(self) -> bool:
+        return self.committed and self.problem is None
+
+
+def step_path(folder: str, step: int) -> str:
+    return storage.join(folder, f"step-{step}")
+
+
+def inspect(folder: str, step: int) -> CheckpointInfo:
+    path = step_path(folder, step)
+    sizes = storage.file_sizes(path)
+    marker = sizes.pop(MARKER, None)
+    size = sum(sizes.values())
+    if marker is None:
+        return CheckpointInfo(step, path, False, "no COMMITTED marker (save interrupted or still running)", size, None)
+    try:
+        meta = storage.read_json(storage.join(path, MARKER))
+    except (ValueError, OSError) as exc:
+        return CheckpointInfo(step, path, True, f"unreadable COMMITTED marker: {exc}", size, None)
+    for name, expected in sorted(meta.get("files", {}).items()):
+        actual = sizes.get(name)
+        if actual != expected:
+            what = "missing" if actual is None else f"{actual} bytes, expected {expected}"
+            return CheckpointInfo(step, path, True, f"file {name} is {what}", size, meta.get("saved_at"))
+    return CheckpointInfo(step, path, True, None, size, meta.get("saved_at"))
+
+
+def list_checkpoints(folder: str) -> list[CheckpointInfo]:
+    """All ``step-N`` checkpoints in ``folder``, oldest first."""
+    fs, root = storage.filesystem(folder)
+    if not fs.exists(root):
+        return []
+    steps = []
+    for entry in fs.ls(root, detail=False):
+        match = STEP_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
+        if match:
+            steps.append(int(match.group(1)))
+    return [inspect(folder, step) for step in sorted(steps)]
