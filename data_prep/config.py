@@ -1,0 +1,124 @@
+"""The settings of one ``titan-moe prep`` run, validated before any file is touched."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from titan_moe.errors import ConfigError
+
+# The OLMoE tokenizer on the Hugging Face hub.  Tests pass the copy in
+# ../shared/data/tokenizers/ instead, because the hub is not reachable there.
+DEFAULT_TOKENIZER = "allenai/gpt-neox-olmo-dolma-v1_5"
+DEFAULT_SEQ_LEN = 4096
+# 64 MiB of uncompressed samples per shard: MosaicML's default, a few seconds
+# of download per shard and few enough objects for a multi-TB source.
+DEFAULT_SHARD_SIZE = "64mb"
+
+
+SIZE_UNITS = {"kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
+
+
+def parse_size(value: int | str) -> int:
+    """``"64mb"`` -> 67108864: binary units, spelled as MosaicML spells shard sizes."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().lower()
+    for suffix, unit in SIZE_UNITS.items():
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * unit)
+    return int(text.removesuffix("b"))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How writes to object storage are retried.
+
+    A failed upload is tried ``retries`` more times, sleeping
+    ``backoff_s * 2**attempt`` (capped at ``max_backoff_s``) in between, then
+    fails with an error naming the object.  Bounded on purpose: a store that
+    is down should stop the run quickly, and a re-run resumes it.
+    """
+
+    retries: int = 4
+    backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+
+    @property
+    def attempts(self) -> int:
+        return self.retries + 1
+
+    def sleep_s(self, attempt: int) -> float:
+        return min(self.backoff_s * (2**attempt), self.max_backoff_s)
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    """One prep run: what to read, where to write, how to tokenize.
+
+    Attributes:
+        input_root: corpus root, local path or fsspec URL; the sources are the
+            directories under ``input_root/data/`` (or directly under
+            ``input_root`` when it has no ``data/``).
+        output: output root, local directory or fsspec URL (``s3://...``).
+        tokenizer: a ``tokenizer.json`` path, a directory holding one, or a
+            Hugging Face hub id.
+        seq_len: tokens per sequence.
+        sources: sources to include (None: every source found).
+        workers: tokenizer processes; 1 tokenizes in this process.
+        shard_size: uncompressed bytes per MDS shard (``"64mb"`` or an int).
+        work_dir: where phase-1 token files go (default ``output/_work``).
+            Put it on local disk to avoid a round trip through object storage.
+        keep_work: keep the work directory after a source is complete.
+        retry: retry policy for object-storage writes.
+        progress: show progress bars.
+    """
+
+    input_root: str
+    output: str
+    tokenizer: str = DEFAULT_TOKENIZER
+    seq_len: int = DEFAULT_SEQ_LEN
+    sources: tuple[str, ...] | None = None
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    shard_size: int | str = DEFAULT_SHARD_SIZE  # "64mb" or bytes
+    work_dir: str | None = None
+    keep_work: bool = False
+    retry: RetryPolicy = RetryPolicy()
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.input_root:
+            raise ConfigError("INPUT_ROOT", "is empty; pass the corpus root (the folder holding data/<source>/)")
+        if not self.output:
+            raise ConfigError("OUTPUT_URL", "is empty; pass a local directory or an s3:// URL")
+        if self.seq_len < 2:
+            raise ConfigError("--seq-len", f"must be at least 2, got {self.seq_len}")
+        if self.workers < 1:
+            raise ConfigError("--workers", f"must be at least 1, got {self.workers}")
+        try:
+            shard_bytes = parse_size(self.shard_size)
+        except ValueError:
+            raise ConfigError("--shard-size", f"{self.shard_size!r} is not a size; write e.g. 64mb, 512kb or 1048576") from None
+        # One sequence (4 bytes per id at most) plus the shard header (~1 KiB of
+        # config JSON) must fit in a shard.
+        minimum = 4 * self.seq_len + 8 + 1024
+        if shard_bytes < minimum:
+            raise ConfigError("--shard-size", f"{self.shard_size} cannot hold one {self.seq_len}-token sequence; "
+                                              f"use at least {minimum} bytes (64mb is typical)")
+        if self.retry.retries < 0 or self.retry.backoff_s < 0:
+            raise ConfigError("--retries", "retries and backoff must be non-negative")
+        if self.sources is not None:
+            if not self.sources:
+                raise ConfigError("--sources", "is empty; list sources like dclm,wiki or drop the flag")
+            for name in self.sources:
+                check_source_name(name, "--sources")
+
+
+def check_source_name(name: str, field_name: str) -> None:
+    """Source names become directory names in the output; keep them plain."""
+    if not name or "/" in name or name.startswith((".", "_")):
+        raise ConfigError(
+            field_name,
+            f"source name {name!r} is not usable as a stream directory "
+            "(no '/', must not start with '.' or '_', which are reserved for work files)",
+        )
