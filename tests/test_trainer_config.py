@@ -1,0 +1,104 @@
+"""Run-config parsing, preflight checks (before any process group) and the local launcher."""
+
+import glob
+
+import pytest
+
+from titan_moe import launch
+from titan_moe.errors import ConfigError
+from titan_moe.job_config import parse_run_config
+from titan_moe.model.args import TitanMoEModelArgs
+from titan_moe.preflight import check_run, model_args_from_config
+from tests.distributed_utils import CONFIGS, config
+
+
+def parse(name: str, *overrides: str):
+    return parse_run_config(["--job.config_file", config(name), *overrides])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(str(CONFIGS / "*.toml"))))
+def test_job_config_sections_build_the_same_model_as_the_toml(path):
+    """[arch]/[moe] through torchtitan's ConfigManager == the model package's own TOML reader."""
+    job = parse_run_config(["--job.config_file", path])
+    assert model_args_from_config(job) == TitanMoEModelArgs.from_toml(path)
+
+
+def test_toml_numbers_and_cli_overrides_reach_expert_sets(tmp_path):
+    run = tmp_path / "run.toml"
+    run.write_text(
+        open(config("tiny_moe_hetero")).read()
+        .replace('granularity = "1/8"', "granularity = 0.125")
+        .replace('generalist_granularity = "1/4"', "generalist_granularity = 0.25")
+    )
+    job = parse_run_config(["--job.config_file", str(run), "--moe.expert_sets.1.top_k", "3",
+                            "--moe.no-require-flop-match"])
+    args = model_args_from_config(job)
+    assert [(s.num_experts, str(s.granularity), s.top_k) for s in args.moe.expert_sets] == [(4, "1/2", 1), (8, "1/8", 3)]
+    assert str(args.moe.generalist_granularity) == "1/4"
+
+
+def test_valid_dp2ep_mesh():
+    args, mesh = check_run(parse("tiny_moe_hetero", "--parallelism.expert_parallel_degree", "2"), world_size=2)
+    assert (mesh.dp_shard, mesh.ep, mesh.efsdp, mesh.dp) == (2, 2, 1, 2)
+    assert [s.num_experts for s in args.moe.expert_sets] == [4, 8]
+
+
+@pytest.mark.parametrize(
+    "name,overrides,world,field,text",
+    [
+        # 4 and 6 experts over EP 4: the second set is the one named.
+        ("tiny_moe_hetero", ["--parallelism.expert_parallel_degree", "4", "--moe.expert_sets.1.num_experts", "6"], 4,
+         "moe.expert_sets[1].num_experts", "6 experts cannot be split evenly over expert_parallel_degree 4"),
+        ("tiny_moe", ["--parallelism.data_parallel_shard_degree", "4"], 2,
+         "parallelism.data_parallel_shard_degree", "= 4 ranks, but the world size is 2"),
+        ("tiny_moe", ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2"], 3,
+         "parallelism.data_parallel_shard_degree", "but the world size is 3"),
+        ("tiny_moe", ["--parallelism.expert_parallel_degree", "4"], 6,
+         "parallelism.expert_parallel_degree", "4 must divide data_parallel_shard_degree 6"),
+        ("tiny_dense", ["--parallelism.expert_parallel_degree", "2"], 2,
+         "parallelism.expert_parallel_degree", "[moe] is not enabled"),
+        ("tiny_moe", ["--parallelism.tensor_parallel_degree", "2"], 2,
+         "parallelism.tensor_parallel_degree", "set tensor_parallel_degree = 1"),
+        ("tiny_moe", ["--training.global_batch_size", "12"], 2,
+         "training.global_batch_size", "12 is not a multiple of local_batch_size 4 x data-parallel degree 2 = 8"),
+        ("tiny_moe", ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1"], 2,
+         "parallelism.data_parallel_shard_degree", "(pure DDP)"),
+        ("tiny_moe", ["--training.dataset", "c4"], 1, "training.dataset", "unknown dataset 'c4'"),
+        ("tiny_moe", ["--model.name", "llama3"], 1, "model.name", "got 'llama3'"),
+        ("tiny_moe", ["--moe.expert_sets.0.top_k", "9", "--moe.no-require-flop-match"], 1,
+         "moe.expert_sets[0].top_k", "top_k 9 exceeds num_experts 8"),
+    ],
+)
+def test_preflight_rejects_with_the_field_named(name, overrides, world, field, text):
+    with pytest.raises(ConfigError) as err:
+        check_run(parse(name, *overrides), world_size=world)
+    assert err.value.field == field
+    assert text in str(err.value)
+
+
+def test_launcher_rejects_before_spawning(capsys):
+    status = launch.main([config("tiny_moe_hetero"), "--nproc", "2", "--parallelism.expert_parallel_degree", "2",
+                          "--moe.expert_sets.0.num_experts", "3"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "moe.expert_sets[0].num_experts: 3 experts cannot be split evenly over expert_parallel_degree 2" in err
+
+
+def test_launcher_rejects_missing_file(capsys, tmp_path):
+    assert launch.main([str(tmp_path / "nope.toml"), "--nproc", "1"]) == 2
+    assert "no such run config file" in capsys.readouterr().err
+
+
+def test_launcher_dry_run_prints_torchrun_command(capsys):
+    status = launch.main([config("tiny_moe"), "--nproc", "2", "--dry-run", "--training.steps", "7"])
+    assert status == 0
+    cmd = capsys.readouterr().out.strip()
+    assert "-m torch.distributed.run --standalone --nproc_per_node=2 --local-ranks-filter 0" in cmd
+    assert cmd.endswith(f"-m titan_moe.train --job.config_file {config('tiny_moe')} --training.steps 7")
+
+
+def test_launcher_shares_cores_between_processes():
+    env = launch.build_env(2, environ={})
+    assert int(env["OMP_NUM_THREADS"]) >= 1
+    assert launch.build_env(2, environ={"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"
+    assert "--local-ranks-filter" not in launch.build_command("run.toml", 2, [], log_all_ranks=True)

@@ -1,0 +1,145 @@
+"""Checks a run config before any process group starts.
+
+torchtitan 0.2.2 only discovers a bad device mesh inside ``init_process_group``
+/ ``ParallelDims`` (as an ``AssertionError`` on every rank, after the
+rendezvous) and a non-divisible expert count deep inside ``distribute_tensor``.
+``check_run`` raises a ``ConfigError`` naming the field instead, and is called
+by both ``titan-moe train`` (before torchrun is spawned) and
+``titan_moe.train`` (before the Trainer is built).
+
+The mesh rules mirror ``ParallelDims._validate``/``build_mesh``: EP ranks are
+borrowed from the FSDP (and TP) dimension -- torchtitan's "dp2ep" layout -- so
+``expert_parallel_degree`` must divide ``data_parallel_shard_degree *
+context_parallel_degree * tensor_parallel_degree``.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from titan_moe.errors import ConfigError
+from titan_moe.job_config import arch_section, moe_section
+from titan_moe.model.args import TitanMoEModelArgs
+
+MODEL_NAME = "titan_moe"
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Resolved parallel degrees (dp_shard filled in when it was -1)."""
+
+    world_size: int
+    dp_replicate: int
+    dp_shard: int
+    ep: int
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: ranks that read different samples."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def efsdp(self) -> int:
+        """FSDP degree of the routed experts (the ranks left after EP)."""
+        return self.dp_shard // self.ep
+
+
+def model_args_from_config(job_config: Any) -> TitanMoEModelArgs:
+    """Build and validate the model from ``[arch]``, ``[moe]`` and ``[training].seq_len``."""
+    return TitanMoEModelArgs.from_sections(arch_section(job_config), moe_section(job_config), job_config.training.seq_len)
+
+
+def check_mesh(parallelism: Any, world_size: int, expert_counts: list[int]) -> Mesh:
+    """Validate the parallel degrees for ``world_size`` ranks; ``expert_counts`` per expert set."""
+    p = parallelism
+    degrees = {
+        "data_parallel_replicate_degree": p.data_parallel_replicate_degree,
+        "context_parallel_degree": p.context_parallel_degree,
+        "tensor_parallel_degree": p.tensor_parallel_degree,
+        "pipeline_parallel_degree": p.pipeline_parallel_degree,
+        "expert_parallel_degree": p.expert_parallel_degree,
+        "expert_tensor_parallel_degree": p.expert_tensor_parallel_degree,
+    }
+    for name, value in degrees.items():
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"parallelism.{name}", f"must be an integer >= 1, got {value!r}")
+    for name in ("context_parallel_degree", "tensor_parallel_degree", "pipeline_parallel_degree",
+                 "expert_tensor_parallel_degree"):
+        if degrees[name] != 1:
+            raise ConfigError(
+                f"parallelism.{name}",
+                f"titan-moe trains with FSDP/HSDP and expert parallelism only; set {name} = 1",
+            )
+    if world_size < 1:
+        raise ConfigError("world_size", f"must be >= 1, got {world_size}")
+
+    dp_replicate, ep = p.data_parallel_replicate_degree, p.expert_parallel_degree
+    dp_shard = p.data_parallel_shard_degree
+    if dp_shard == -1:
+        if world_size % dp_replicate:
+            raise ConfigError(
+                "parallelism.data_parallel_replicate_degree",
+                f"{dp_replicate} does not divide the world size {world_size}",
+            )
+        dp_shard = world_size // dp_replicate
+    elif not isinstance(dp_shard, int) or dp_shard < 1:
+        raise ConfigError("parallelism.data_parallel_shard_degree", f"must be -1 (fill) or >= 1, got {dp_shard!r}")
+    if dp_replicate * dp_shard != world_size:
+        raise ConfigError(
+            "parallelism.data_parallel_shard_degree",
+            f"data_parallel_replicate_degree {dp_replicate} x data_parallel_shard_degree {dp_shard} = "
+            f"{dp_replicate * dp_shard} ranks, but the world size is {world_size}; "
+            f"set data_parallel_shard_degree = -1 to use all ranks",
+        )
+
+    if dp_replicate > 1 and dp_shard == 1:
+        # torchtitan 0.2.2 applies DDP here, which *averages* gradients although the loss is
+        # already divided by the global token count: every gradient would shrink by 1/dp.
+        raise ConfigError(
+            "parallelism.data_parallel_shard_degree",
+            "is 1 with data_parallel_replicate_degree > 1 (pure DDP), which torchtitan 0.2.2 "
+            "mis-scales; use FSDP (data_parallel_replicate_degree = 1) or HSDP (shard degree >= 2)",
+        )
+    if ep > 1:
+        if not expert_counts:
+            raise ConfigError("parallelism.expert_parallel_degree", f"is {ep} but [moe] is not enabled; set it to 1")
+        if dp_shard % ep:
+            raise ConfigError(
+                "parallelism.expert_parallel_degree",
+                f"{ep} must divide data_parallel_shard_degree {dp_shard}: expert-parallel ranks are "
+                f"borrowed from the FSDP dimension (dp2ep)",
+            )
+        for i, n in enumerate(expert_counts):
+            if n % ep:
+                raise ConfigError(
+                    f"moe.expert_sets[{i}].num_experts",
+                    f"{n} experts cannot be split evenly over expert_parallel_degree {ep}; "
+                    f"use a multiple of {ep} or change the EP degree",
+                )
+    return Mesh(world_size=world_size, dp_replicate=dp_replicate, dp_shard=dp_shard, ep=ep)
+
+
+def check_batch(training: Any, mesh: Mesh) -> None:
+    if training.local_batch_size < 1:
+        raise ConfigError("training.local_batch_size", f"must be >= 1, got {training.local_batch_size}")
+    gbs = training.global_batch_size
+    per_step = training.local_batch_size * mesh.dp
+    if gbs > 0 and gbs % per_step:
+        raise ConfigError(
+            "training.global_batch_size",
+            f"{gbs} is not a multiple of local_batch_size {training.local_batch_size} x "
+            f"data-parallel degree {mesh.dp} = {per_step}",
+        )
+
+
+def check_run(job_config: Any, world_size: int) -> tuple[TitanMoEModelArgs, Mesh]:
+    """Everything that can be known wrong before ``init_process_group``."""
+    if job_config.model.name != MODEL_NAME:
+        raise ConfigError("model.name", f"titan-moe trains model.name = {MODEL_NAME!r}, got {job_config.model.name!r}")
+    args = model_args_from_config(job_config)
+    counts = [s.num_experts for s in args.moe.expert_sets] if args.moe.enabled else []
+    mesh = check_mesh(job_config.parallelism, world_size, counts)
+    check_batch(job_config.training, mesh)
+    dataset = job_config.training.dataset
+    if dataset not in ("synthetic", "mds"):
+        raise ConfigError("training.dataset", f"unknown dataset {dataset!r}; use 'synthetic' or 'mds'")
+    return args, mesh

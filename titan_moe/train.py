@@ -1,0 +1,166 @@
+"""Train a titan_moe run config with torchtitan 0.2.2.
+
+Cluster entry point (one process per GPU)::
+
+    torchrun --nnodes N --nproc_per_node G -m titan_moe.train \\
+        --job.config_file RUN.toml [--section.key value ...]
+
+Locally, ``titan-moe train RUN.toml --nproc N`` wraps this (``launch.py``).
+Without torchrun it runs as a single process.
+
+``TitanMoETrainer`` is torchtitan's ``Trainer`` with three additions:
+
+- the loss adds the MoE auxiliary losses, scaled so their weight does not
+  depend on the data-parallel degree or on gradient accumulation (below);
+- after each optimizer step, expert loads are reduced over all data ranks and
+  the loss-free balancing biases updated (``train_spec.ExpertLoadBalancer``);
+- every log step reports LM and auxiliary losses separately and per-layer,
+  per-set MoE statistics (``metrics.py``).
+"""
+
+# The CPU adapter must run before anything imports torchtitan (see platform.py).
+from titan_moe import platform
+
+platform.activate()
+
+import os  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
+from torchtitan.tools.logging import init_logger, logger  # noqa: E402
+from torchtitan.train import Trainer  # noqa: E402
+
+from titan_moe import train_spec  # noqa: E402
+from titan_moe.errors import ConfigError  # noqa: E402
+from titan_moe.job_config import parse_run_config  # noqa: E402
+from titan_moe.metrics import MoEStepStats, load_metrics  # noqa: E402
+from titan_moe.model.transformer import Transformer  # noqa: E402
+from titan_moe.preflight import check_run  # noqa: E402
+
+
+class TitanMoETrainer(Trainer):
+    def __init__(self, job_config: Any):
+        self.step_stats = MoEStepStats()
+        super().__init__(job_config)
+        self.run_args = self.model_args.args
+        self._layout_independent_init(job_config)
+        self.balancer = getattr(self.optimizers, "moe_balancer", None)
+        self.metrics_processor.extra_metrics_fn = self.moe_metrics
+
+    def _layout_independent_init(self, job_config: Any) -> None:
+        """Same initial weights for any DP/EP layout (the platform decides whether to act)."""
+        seed = job_config.debug.seed if job_config.debug.seed is not None else 0
+
+        def full_model() -> Transformer:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = Transformer(self.run_args)
+                model.init_weights()
+            return model
+
+        platform.adapt_init(self.model_parts, full_model)
+
+    # -- loss ---------------------------------------------------------------------
+    def forward_backward_step(
+        self, *, input_dict: dict[str, torch.Tensor], labels: torch.Tensor, global_valid_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """LM loss plus MoE auxiliary losses, for one microbatch.
+
+        torchtitan 0.2.2 makes the LM term ``local_sum / global_valid_tokens`` and
+        *sums* gradients over data-parallel ranks and microbatches, so the
+        gradient is that of the global token mean.  The model's auxiliary loss
+        is a mean over this rank's microbatch; weighting it by
+        ``local_tokens / global_valid_tokens`` makes the summed gradient that of
+        the token-weighted mean of the per-microbatch aux losses: its effective
+        weight is ``aux_loss_weight`` for any DP degree or accumulation count
+        (adding it unweighted would multiply it by their product).
+        """
+        model = self.model_parts[0]
+        inputs, labels, extra_inputs, extra_kwargs = self.post_dataloading_process(input_dict, labels)
+        with self.train_context():
+            with self.maybe_enable_amp:
+                pred = model(inputs, **extra_inputs, **extra_kwargs)
+                lm_loss = self.loss_fn(pred, labels) / global_valid_tokens
+                loss = lm_loss
+                aux = model.moe_aux_loss()
+                share = (labels != IGNORE_INDEX).sum() / global_valid_tokens
+                if aux is not None:
+                    loss = loss + aux * share
+            del pred
+            loss.backward()
+        if self.metrics_processor.should_log(self.step):
+            moe = self.run_args.moe
+            self.step_stats.add_microbatch(lm_loss, model.moe_stats(), share, moe.aux_loss_weight, moe.z_loss_weight)
+        return loss
+
+    def train_step(self, data_iterator) -> None:
+        logging = self.metrics_processor.should_log(self.step)
+        if self.balancer is not None:
+            # Reduce the expert load for metrics on log steps even without loss-free balancing.
+            self.balancer.want_load = logging
+        self.step_stats.reset()
+        super().train_step(data_iterator)
+
+    # -- metrics ------------------------------------------------------------------
+    def moe_metrics(self) -> dict[str, float]:
+        """Called by the metrics processor on log steps, on every rank (collectives)."""
+        mesh = self.parallel_dims.get_optional_mesh("loss")
+        out = self.step_stats.reduce(mesh.get_group() if mesh is not None else None)
+        if self.balancer is not None:
+            model = self.model_parts[0]
+            biases = {name: stats["expert_bias"] for name, stats in model.moe_stats().items()}
+            out |= load_metrics(self.balancer.last_global_load, biases, self.run_args.moe.bias_update_rate > 0)
+        return out
+
+
+def _single_process_env() -> None:
+    """Let ``python -m titan_moe.train`` run without torchrun, as one rank."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def run(argv: list[str]) -> int:
+    """Train one run config in this process (the process group is left up for reuse)."""
+    _single_process_env()
+    try:
+        config = parse_run_config(argv)
+        args, mesh = check_run(config, int(os.environ["WORLD_SIZE"]))
+    except ConfigError as exc:
+        # Before init_process_group: every rank prints the same message and exits.
+        print(f"titan_moe.train: invalid run config: {exc}", file=sys.stderr)
+        return 2
+    train_spec.register(args)
+    logger.info(f"titan-moe: world {mesh.world_size} = dp_replicate {mesh.dp_replicate} x dp_shard "
+                f"{mesh.dp_shard}; EP {mesh.ep} (experts FSDP over {mesh.efsdp})")
+
+    trainer: TitanMoETrainer | None = None
+    try:
+        trainer = TitanMoETrainer(config)
+        if config.checkpoint.create_seed_checkpoint:
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+        else:
+            trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    init_logger()
+    try:
+        return run(sys.argv[1:] if argv is None else list(argv))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The ``titan_moe`` TrainSpec: how torchtitan 0.2.2 builds every training component.
+
+=====================  ==========================================================
+model                  ``titan_moe.model.Transformer`` from ``[arch]``/``[moe]``
+parallelize            ``titan_moe.parallelize.parallelize_titan_moe``
+loss                   torchtitan's summed cross-entropy; the trainer adds the MoE
+                       auxiliary losses (they need the rank's token share, see
+                       ``TitanMoETrainer.forward_backward_step``)
+optimizer              torchtitan's AdamW container + a post-step hook that
+                       all-reduces expert load and updates the loss-free biases
+dataloader             ``synthetic`` (toy language) or ``mds`` (``titan_moe.data``)
+validator              per-source loss on ``[data].validation_root`` (``titan_moe.data``)
+metrics                ``titan_moe.metrics.TitanMetricsProcessor``
+=====================  ==========================================================
+"""
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from fractions import Fraction
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.components.optimizer import OptimizersContainer, build_optimizers
+from torchtitan.distributed import ParallelDims
+from torchtitan.protocols.model import BaseModelArgs
+from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
+
+from titan_moe.data.synthetic import SyntheticDataLoader
+from titan_moe.errors import ConfigError
+from titan_moe.metrics import TitanMetricsProcessor
+from titan_moe.model.args import TitanMoEModelArgs
+from titan_moe.model.moe import expert_sets, update_expert_biases
+from titan_moe.model.transformer import Transformer
+from titan_moe.parallelize import parallelize_titan_moe
+from titan_moe.preflight import MODEL_NAME
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Fraction):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+@dataclasses.dataclass
+class RunModelArgs(BaseModelArgs):
+    """What torchtitan's Trainer holds as "model args" for a titan_moe run.
+
+    Wraps the validated ``TitanMoEModelArgs`` (a plain attribute, not a field)
+    because the Trainer logs ``json.dumps(dataclasses.asdict(model_args))`` and
+    the expert granularities are exact ``Fraction``s; ``summary`` is the
+    JSON-safe copy it logs instead.
+    """
+
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def wrap(cls, args: TitanMoEModelArgs) -> "RunModelArgs":
+        run_args = cls(summary=_json_safe(dataclasses.asdict(args)))
+        run_args.args = args
+        return run_args
+
+    def update_from_config(self, job_config: Any, **kwargs) -> None:
+        self.args.update_from_config(job_config, **kwargs)
+
+    def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
+        return self.args.get_nparams_and_flops(model, seq_len)
+
+
+class ModelArgsFromSections(Mapping[str, RunModelArgs]):
+    """torchtitan looks model args up by ``[model].flavor``; titan-moe builds them
+    from ``[arch]``/``[moe]`` instead, so every flavor maps to the run's args."""
+
+    def __init__(self) -> None:
+        self.current: RunModelArgs | None = None
+
+    def __getitem__(self, flavor: str) -> RunModelArgs:
+        if self.current is None:
+            raise KeyError(f"{flavor}: model args are set by titan_moe.train from [arch]/[moe]")
+        return self.current
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["from_sections"] if self.current is not None else [])
+
+    def __len__(self) -> int:
+        return int(self.current is not None)
+
+
+MODEL_ARGS = ModelArgsFromSections()
+
+
+def build_model(run_args: RunModelArgs) -> Transformer:
+    return Transformer(run_args.args)
+
+
+# -- optimizer + loss-free balancing ------------------------------------------------
+
+
+class ExpertLoadBalancer:
+    """After each optimizer step: reduce expert loads over all data ranks, update biases.
+
+    The load counters (``ExpertSet.tokens_per_expert``) hold the local token-slot
+    counts of every microbatch of the step.  They are summed over the whole
+    data-parallel world -- with dp2ep that includes the EP ranks, which route
+    different tokens -- so every rank applies the same bias update.  With
+    ``bias_update_rate = 0`` the reduction only happens when the trainer wants
+    the load for metrics (``want_load``).
+    """
+
+    def __init__(self, model_parts: list[nn.Module], parallel_dims: ParallelDims, rate: float):
+        self.model_parts = model_parts
+        self.parallel_dims = parallel_dims
+        self.rate = rate
+        self.want_load = False
+        self.last_global_load: dict[str, torch.Tensor] = {}
+
+    def __call__(self, *args, **kwargs) -> None:
+        mesh = self.parallel_dims.get_optional_mesh("loss")
+        reduce = self.rate > 0 or self.want_load
+        captured: list[torch.Tensor] = []
+
+        def all_reduce_sum(loads: torch.Tensor) -> torch.Tensor:
+            if reduce and mesh is not None:
+                dist.all_reduce(loads, group=mesh.get_group())
+            captured.append(loads.detach().clone())
+            return loads
+
+        for model in self.model_parts:
+            update_expert_biases(model, self.rate, all_reduce_sum)
+            if self.want_load and captured:
+                sets = expert_sets(model)
+                loads = torch.split(captured[-1], [s.num_experts for _, s in sets])
+                self.last_global_load = {name: load for (name, _), load in zip(sets, loads)}
+
+
+def build_optimizers_with_bias_update(
+    model_parts: list[nn.Module], optimizer_config: Any, parallel_dims: ParallelDims, ft_manager: Any = None
+) -> OptimizersContainer:
+    optimizers = build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
+    moe = model_parts[0].args.moe
+    if moe.enabled:
+        balancer = ExpertLoadBalancer(model_parts, parallel_dims, moe.bias_update_rate)
+        optimizers.register_step_post_hook(balancer)
+        optimizers.moe_balancer = balancer  # the trainer reads the global load for metrics
+    return optimizers
+
+
+# -- data ------------------------------------------------------------------------
+
+
+def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer: Any, job_config: Any, **kwargs):
+    dataset = job_config.training.dataset
+    if dataset == "synthetic":
+        return SyntheticDataLoader(
+            vocab_size=job_config.arch.vocab_size,
+            seq_len=job_config.training.seq_len,
+            local_batch_size=job_config.training.local_batch_size,
+            dp_rank=dp_rank,
+            dp_world_size=dp_world_size,
+            config=job_config.synthetic,
+        )
+    if dataset == "mds":
+        # Imported on use: MosaicML streaming is heavy and the synthetic path does not need it.
+        from titan_moe.data.loader import build_streaming_dataloader
+
+        return build_streaming_dataloader(dp_world_size, dp_rank, tokenizer, job_config, **kwargs)
+    raise ConfigError("training.dataset", f"unknown dataset {dataset!r}; use 'synthetic' or 'mds'")
+
+
+def build_validator(**kwargs):
+    """``[validation]``: per-source validation loss on the MDS ``[data].validation_root``."""
+    from titan_moe.data.validation import build_streaming_validator
+
+    return build_streaming_validator(**kwargs)
+
+
+def build_metrics_processor(job_config: Any, parallel_dims: ParallelDims, model_args: Any = None, tag=None):
+    return TitanMetricsProcessor(job_config, parallel_dims, tag)
+
+
+def get_train_spec() -> TrainSpec:
+    return TrainSpec(
+        model_cls=build_model,
+        model_args=MODEL_ARGS,
+        parallelize_fn=parallelize_titan_moe,
+        pipelining_fn=None,
+        build_optimizers_fn=build_optimizers_with_bias_update,
+        build_lr_schedulers_fn=build_lr_schedulers,
+        build_dataloader_fn=build_dataloader,
+        build_tokenizer_fn=None,
+        build_loss_fn=build_cross_entropy_loss,
+        build_validator_fn=build_validator,
+        build_metrics_processor_fn=build_metrics_processor,
+    )
+
+
+def register(args: TitanMoEModelArgs) -> None:
+    """Register the ``titan_moe`` spec (once per process) with this run's model args."""
+    MODEL_ARGS.current = RunModelArgs.wrap(args)
+    try:
+        register_train_spec(MODEL_NAME, get_train_spec())
+    except ValueError:
+        pass  # already registered in this process; MODEL_ARGS now holds the new args
