@@ -1,0 +1,250 @@
+"""The prep output as the loader sees it: ``manifest.json`` plus each stream's ``index.json``.
+
+Everything here runs before a process group or a cache directory is touched,
+so a wrong root, a missing stream or a mismatched ``seq_len`` fails at once,
+with a :class:`~titan_moe.errors.ConfigError` naming the field and the stream.
+
+Layout (the Data contract, written by ``titan-moe prep``)::
+
+    ROOT/manifest.json              {"format": "titan-moe-mds/1", "seq_len", "dtype", ...,
+                                     "sources": {name: {"tokens", "sequences", "proportion", ...}}}
+    ROOT/<source>/index.json        MDS index: shards, columns tokens=ndarray:<dtype>:<seq_len>,
+                                    num_valid=int32
+    ROOT/<source>/shard.NNNNN.mds.zstd
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from titan_moe.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "titan-moe-mds/1"
+TOKEN_DTYPES = ("uint16", "uint32")
+# Preferred shard checksums, fastest first, when validate_hash = "auto".
+HASH_PREFERENCE = ("xxh64", "xxh3_64", "sha1", "md5")
+
+
+def is_remote(url: str) -> bool:
+    return fsspec.utils.get_protocol(url) not in ("file", "local")
+
+
+def join(url: str, *parts: str) -> str:
+    """Join with '/', which object stores use whatever the OS."""
+    out = url.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def read_bytes(url: str) -> bytes:
+    """A whole small object (a manifest or index) from a local path or an fsspec URL.
+
+    ``S3_ENDPOINT_URL`` points s3fs at non-AWS stores, the same variable
+    MosaicML streaming's S3 downloader honours for the shards.
+    """
+    if not is_remote(url):
+        with open(url.removeprefix("file://"), "rb") as f:
+            return f.read()
+    options: dict = {}
+    if fsspec.utils.get_protocol(url) in ("s3", "s3a") and os.environ.get("S3_ENDPOINT_URL"):
+        options["client_kwargs"] = {"endpoint_url": os.environ["S3_ENDPOINT_URL"]}
+    fs, path = url_to_fs(url, **options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """One source's MDS stream, as its manifest entry and index describe it."""
+
+    name: str
+    url: str
+    sequences: int
+    tokens: int
+    proportion: float
+    shard_samples: tuple[int, ...]
+    """Samples per shard, in index order (the order MDS sample ids follow)."""
+    hashes: tuple[str, ...]
+    """Checksum algorithms every shard of the stream carries."""
+    shard_files: frozenset[str] = frozenset()
+    """Every raw and compressed shard file name the index lists (what a cache may hold)."""
+    max_shard_bytes: int = 0
+    """The largest shard's raw + compressed size: what one download may occupy in a cache."""
+    index_bytes: int = 0
+    """Size of index.json, which the cache also holds."""
+    index_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class PrepOutput:
+    """A checked prep output: the streams a loader will read, and a digest naming this version."""
+
+    root: str
+    seq_len: int
+    dtype: str
+    eos_id: int
+    pad_id: int
+    tokenizer: str
+    streams: dict[str, StreamInfo]
+    """The streams that were asked for (all by default), checked."""
+    listed: tuple[str, ...]
+    """Every source the manifest lists."""
+    digest: str
+    """sha256 over seq_len, dtype, tokenizer and the read streams' index.json files (which
+    carry every shard's checksum): names exactly the data read, and is untouched by a
+    source added to the prep output later that this run does not read."""
+
+
+def read_prep_output(root: str, *, field: str, seq_len: int, sources: list[str] | None = None,
+                     sources_field: str = "") -> PrepOutput:
+    """Read and check ``root``'s manifest and the indexes of ``sources`` (all when None).
+
+    ``field`` is the config key that named ``root`` (``data.root``,
+    ``data.validation_root``); ``seq_len`` is ``[training].seq_len``, which must
+    equal the streams'; ``sources_field`` is the key that named ``sources``.
+    """
+    manifest_url = join(root, "manifest.json")
+    try:
+        raw = read_bytes(manifest_url)
+    except FileNotFoundError:
+        raise ConfigError(field, f"{manifest_url} does not exist; point {field} at the output of `titan-moe prep`") from None
+    except OSError as exc:
+        raise ConfigError(field, f"cannot read {manifest_url}: {exc}") from exc
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(field, f"{manifest_url} is not valid JSON ({exc}); rerun `titan-moe prep`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ConfigError(field, f"{manifest_url} has format {got!r}, expected {FORMAT!r}")
+    for key in ("seq_len", "dtype", "sources"):
+        if key not in manifest:
+            raise ConfigError(field, f"{manifest_url} lacks {key!r}; rerun `titan-moe prep`")
+    entries = manifest["sources"]
+    if not isinstance(entries, dict) or not entries:
+        raise ConfigError(field, f"{manifest_url} lists no sources (an empty manifest); prep wrote no stream")
+    if manifest["seq_len"] != seq_len:
+        raise ConfigError(
+            "training.seq_len",
+            f"is {seq_len} but the streams under {root} hold sequences of {manifest['seq_len']} tokens; "
+            f"set training.seq_len = {manifest['seq_len']} or prep the data again at {seq_len}",
+        )
+    dtype = manifest["dtype"]
+    if dtype not in TOKEN_DTYPES:
+        raise ConfigError(field, f"{manifest_url} has token dtype {dtype!r}; the loader reads {TOKEN_DTYPES}")
+
+    names = sorted(entries) if sources is None else list(sources)
+    digest = hashlib.sha256(json.dumps(
+        [seq_len, dtype, manifest.get("tokenizer"), manifest.get("tokenizer_sha256")]).encode())
+    streams = {}
+    for name in names:
+        if name not in entries:
+            raise ConfigError(
+                f"{sources_field or field}.{name}",
+                f"unknown source: {manifest_url} has {sorted(entries)}",
+            )
+        if int(entries[name].get("sequences", 0)) <= 0:
+            # Prep keeps a source whose every record was rejected, with an empty stream.
+            if sources is not None:
+                raise ConfigError(
+                    f"{sources_field or field}.{name}",
+                    f"stream {name!r} is empty in {manifest_url} (0 sequences); drop it from the mixture or re-prep it",
+                )
+            logger.warning(f"{field}: stream {name!r} holds no sequences; it is left out")
+            continue
+        stream = _read_stream(root, name, entries[name], seq_len=seq_len, dtype=dtype, field=field)
+        digest.update(name.encode() + b"\0" + stream.index_sha256.encode())
+        streams[name] = stream
+    if not streams:
+        raise ConfigError(field, f"no stream in {manifest_url} holds any sequence; prep wrote only empty streams")
+    return PrepOutput(
+        root=root,
+        seq_len=seq_len,
+        dtype=dtype,
+        eos_id=int(manifest.get("eos_id", -1)),
+        pad_id=int(manifest.get("pad_id", -1)),
+        tokenizer=str(manifest.get("tokenizer", "")),
+        streams=streams,
+        listed=tuple(sorted(entries)),
+        digest=digest.hexdigest(),
+    )
+
+
+def _read_stream(root: str, name: str, entry: dict, *, seq_len: int, dtype: str, field: str) -> StreamInfo:
+    url = join(root, name)
+    index_url = join(url, "index.json")
+    sequences = int(entry["sequences"])
+    try:
+        index_raw = read_bytes(index_url)
+        index = json.loads(index_raw)
+    except FileNotFoundError:
+        raise ConfigError(
+            field,
+            f"stream {name!r} is listed in the manifest but {index_url} does not exist "
+            "(an incomplete prep upload?); rerun `titan-moe prep` for it",
+        ) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(field, f"stream {name!r}: cannot read {index_url}: {exc}") from exc
+    shards = index.get("shards") or []
+    if not shards:
+        raise ConfigError(field, f"stream {name!r}: {index_url} lists no shards")
+    want = {"tokens": f"ndarray:{dtype}:{seq_len}", "num_valid": "int32"}
+    hash_sets = []
+    files: set[str] = set()
+    max_bytes = 0
+    for i, shard in enumerate(shards):
+        columns = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
+        for column, encoding in want.items():
+            if columns.get(column) != encoding:
+                raise ConfigError(
+                    field,
+                    f"stream {name!r} shard {i} stores column {column!r} as {columns.get(column)!r}, "
+                    f"expected {encoding!r} (seq_len {seq_len}, dtype {dtype} from the manifest); "
+                    "the stream and the manifest disagree -- re-prep the stream",
+                )
+        hash_sets.append(set((shard.get("zip_data") or shard.get("raw_data") or {}).get("hashes", {})))
+        parts = [part for part in (shard.get("raw_data"), shard.get("zip_data")) if part]
+        files.update(part["basename"] for part in parts)
+        max_bytes = max(max_bytes, sum(int(part.get("bytes", 0)) for part in parts))
+    shard_samples = tuple(int(s["samples"]) for s in shards)
+    if sum(shard_samples) != sequences:
+        raise ConfigError(
+            field,
+            f"stream {name!r}: the manifest says {sequences} sequences but {index_url} holds "
+            f"{sum(shard_samples)}; the manifest is stale -- rerun `titan-moe prep`",
+        )
+    return StreamInfo(
+        name=name,
+        url=url,
+        sequences=sequences,
+        tokens=int(entry.get("tokens", 0)),
+        proportion=float(entry.get("proportion", 0.0)),
+        shard_samples=shard_samples,
+        hashes=tuple(sorted(set.intersection(*hash_sets))) if hash_sets else (),
+        shard_files=frozenset(files),
+        max_shard_bytes=max_bytes,
+        index_bytes=len(index_raw),
+        index_sha256=hashlib.sha256(index_raw).hexdigest(),
+    )
+
+
+def pick_hash(setting: str, streams: list[StreamInfo], field: str = "data.validate_hash") -> str | None:
+    """The checksum to verify downloads with: ``setting``, or the best every stream carries."""
+    common = set.intersection(*(set(s.hashes) for s in streams)) if streams else set()
+    if setting == "":
+        return None
+    if setting == "auto":
+        return next((h for h in HASH_PREFERENCE if h in common), None)
+    if setting not in common:
+        raise ConfigError(field, f"{setting!r} is not carried by every stream (they share {sorted(common)}); use one of those, \"auto\" or \"\"")
+    return setting
