@@ -1,0 +1,1 @@
+"""jobs: run configs, the sweep planner, launchers and cluster manifests."""

@@ -1,0 +1,102 @@
+"""What the Kubernetes renderer needs to know about one run config.
+
+A config that renders must be a config that starts: the renderer parses the
+TOML with the trainer's own config manager and runs the trainer's preflight
+(``titan_moe.preflight.check_run``: model design point, device mesh, batch)
+for the cluster's world size ``nodes x gpus_per_node``.  So a mesh that does
+not tile the cluster fails at render time, not after N nodes were scheduled
+and rendezvoused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from titan_moe.errors import ConfigError
+
+# A ConfigMap, like any object, must stay under etcd's ~1.5 MiB request limit;
+# keep clear of it.
+MAX_CONFIGMAP_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run TOML, checked for a world size.
+
+    ``text`` ships verbatim in a ConfigMap; the folders are relative to
+    ``[job].dump_folder``, which the renderer points at the shared volume.
+    """
+
+    path: Path
+    text: str
+    checkpoint_folder: str
+    tb_folder: str
+    mesh: Any  # titan_moe.preflight.Mesh
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def _relative_folder(value: str, field: str, default: str) -> str:
+    """torchtitan joins ``os.path.join(dump_folder, folder)``: an absolute or URL
+    folder would silently escape the run's folder on the shared volume."""
+    if not value or value.startswith("/") or "://" in value or ".." in Path(value).parts:
+        raise ConfigError(
+            field,
+            f"{value!r} must be a folder relative to [job].dump_folder for a cluster run "
+            f"(the renderer points dump_folder at the shared run volume); use e.g. {default!r}",
+        )
+    return value
+
+
+def load_run_config(path: str | Path, nodes: int, gpus_per_node: int) -> RunConfig:
+    """Read and check ``path`` for ``nodes x gpus_per_node`` ranks; ConfigError if it cannot run."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("RUN.toml", f"run config {str(path)!r} does not exist or is not a file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("RUN.toml", f"{path} is not valid TOML: {exc}") from None
+    if len(text.encode()) > MAX_CONFIGMAP_BYTES:
+        raise ConfigError("RUN.toml", f"{path} is {len(text.encode())} bytes; a ConfigMap holds at most 1 MiB")
+
+    # Imported here: it pulls in torch/torchtitan, which `--help` should not pay for.
+    from titan_moe.job_config import parse_run_config
+    from titan_moe.preflight import check_run
+
+    try:
+        # torchtitan's manager prints tyro usage on some errors; keep the message, not the noise.
+        with contextlib.redirect_stderr(io.StringIO()) as noise:
+            job_config = parse_run_config(["--job.config_file", str(path)])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("RUN.toml", f"{path}: {exc}") from None
+    except SystemExit:
+        raise ConfigError("RUN.toml", f"{path} does not parse as a run config: {noise.getvalue().strip()}") from None
+
+    world = nodes * gpus_per_node
+    try:
+        _, mesh = check_run(job_config, world)
+    except ConfigError as exc:
+        message = str(exc).removeprefix(f"{exc.field}: ")
+        raise ConfigError(
+            exc.field,
+            f"{message} (cluster: --nodes {nodes} x --gpus-per-node {gpus_per_node} = {world} ranks; "
+            f"change the run config or the cluster shape)",
+        ) from None
+
+    return RunConfig(
+        path=path,
+        text=text,
+        checkpoint_folder=_relative_folder(job_config.checkpoint.folder, "checkpoint.folder", "checkpoint"),
+        tb_folder=_relative_folder(job_config.metrics.save_tb_folder, "metrics.save_tb_folder", "tb"),
+        mesh=mesh,
+    )

@@ -1,0 +1,140 @@
+"""``titan-moe sweep plan|launch|collect|plot``.
+
+    titan-moe sweep plan SPEC.yaml --out DIR [--set key.path=value ...] [--force]
+    titan-moe sweep launch DIR --local [--nproc N] [--only GLOB] [--eval-tasks T [--eval-arg ARG ...]] [--dry-run]
+    titan-moe sweep launch DIR --k8s --image IMAGE [--nodes N] [--gpus-per-node G] [--queue Q] [--only GLOB]
+    titan-moe sweep collect DIR
+    titan-moe sweep plot DIR [--metric auto|train_loss|val_loss|paloma_macro_ce] [--out PLOTS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from titan_moe.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="titan-moe sweep", description="Plan, launch, collect and plot design-space sweeps.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="write one run config per design point plus index.{csv,json}")
+    p.add_argument("spec", help="sweep spec YAML (see jobs/specs/)")
+    p.add_argument("--out", required=True, help="plan directory (points/<name>/config.toml, index.*)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a spec value, e.g. --set cluster.ep_degree=4 --set run.data.root=/data/mds")
+    p.add_argument("--force", action="store_true", help="replace configs of points that already finished")
+    p.add_argument("--quiet", action="store_true", help="do not list the invalid points")
+
+    lp = sub.add_parser("launch", help="run the points locally (resumable) or render Kubernetes manifests")
+    lp.add_argument("dir", help="a directory written by `titan-moe sweep plan`")
+    where = lp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true", help="train the points one after another on this machine")
+    where.add_argument("--k8s", action="store_true", help="render one manifest set per point into POINT/k8s")
+    lp.add_argument("--only", action="append", default=[], metavar="GLOB", help="only points whose name matches")
+    lp.add_argument("--nproc", type=int, help="--local: processes per point (default: the spec's cluster.local_nproc)")
+    lp.add_argument("--eval-tasks", help="--local: score finished points, e.g. paloma,boolq (titan-moe eval --tasks)")
+    lp.add_argument("--eval-arg", action="append", default=[], metavar="ARG",
+                    help="--local: extra argument for titan-moe eval (repeat; e.g. --eval-arg=--data-root=/data/eval)")
+    lp.add_argument("--dry-run", action="store_true", help="--local: print the commands only")
+    lp.add_argument("--stop-on-failure", action="store_true", help="--local: stop at the first failed point")
+    lp.add_argument("--image", help="--k8s: training image")
+    lp.add_argument("--nodes", type=int, help="--k8s: node pods per run (default: the spec's cluster.nodes)")
+    lp.add_argument("--gpus-per-node", type=int, help="--k8s: GPUs per node (default: the spec's cluster.gpus_per_node)")
+    lp.add_argument("--queue", help="--k8s: Kueue LocalQueue name")
+    lp.add_argument("--namespace", help="--k8s: namespace of every object")
+    lp.add_argument("--pvc", dest="runs_claim", help="--k8s: ReadWriteMany claim for checkpoints + TensorBoard")
+
+    c = sub.add_parser("collect", help="gather losses, eval results and MoE health into results.{csv,md}")
+    c.add_argument("dir")
+
+    pl = sub.add_parser("plot", help="draw the paper's figures from results.csv (PNG + SVG)")
+    pl.add_argument("dir")
+    pl.add_argument("--results", help="results CSV (default DIR/results.csv)")
+    pl.add_argument("--out", help="figure directory (default DIR/plots)")
+    pl.add_argument("--metric", default="auto", help="auto (validation loss if present, else train), train_loss, val_loss, paloma_macro_ce")
+    return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from jobs.sweep.plan import build_plan, summary, write_plan
+    from jobs.sweep.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    plan = build_plan(spec, args.out)
+    out = write_plan(plan, args.out, force=args.force)
+    s = summary(plan)
+    print(f"planned {s['points']} points ({s['dense']} dense, {s['moe']} MoE) of sweep '{spec.name}' into {out}")
+    print(f"  total training compute {s['train_flops']:.3e} FLOPs = {s['gpu_hours']:,.4g} GPU-hours "
+          f"at MFU {spec.cluster.mfu:g} of {spec.cluster.peak_tflops:g} TFLOP/s")
+    if plan.invalid:
+        print(f"  skipped {s['invalid_points']} invalid points ({s['invalid_designs']} designs); see {out / 'invalid.csv'}")
+        if not args.quiet:
+            for row in plan.invalid:
+                print(f"    {row['name']}: {row['reason']}")
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from jobs.sweep import launch
+    from jobs.sweep.plan import load_index
+
+    plan_dir = Path(args.dir)
+    if args.local:
+        report = launch.launch_local(plan_dir, args.nproc, only=args.only, eval_tasks=args.eval_tasks,
+                                     eval_args=args.eval_arg, dry_run=args.dry_run, stop_on_failure=args.stop_on_failure)
+        if not args.dry_run:
+            print(f"ran {len(report.ran)}, skipped {len(report.skipped)} finished, failed {len(report.failed)}"
+                  + (f"; evaluated {len(report.evaluated)}, eval failed {len(report.eval_failed)}" if args.eval_tasks else ""))
+            for name in report.failed:
+                print(f"  failed: {name} (log: {plan_dir / 'points' / name / 'train.log'})")
+        return 0 if report.ok else 1
+    cluster = load_index(plan_dir)["cluster"]
+    options = {k: v for k, v in (("namespace", args.namespace), ("runs_claim", args.runs_claim)) if v}
+    report = launch.launch_k8s(plan_dir, nodes=args.nodes or cluster["nodes"],
+                               gpus_per_node=args.gpus_per_node or cluster["gpus_per_node"], image=args.image,
+                               queue=args.queue, only=args.only, options=options)
+    print(f"rendered {len(report.rendered)} points, {len(report.failed)} could not be rendered")
+    if report.rendered:
+        print(f"  apply one:  kubectl apply -k {plan_dir}/points/{report.rendered[0]}/k8s")
+        print(f"  apply all:  for d in {plan_dir}/points/*/k8s; do kubectl apply -k $d; done")
+    return 0 if report.ok else 1
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from jobs.sweep.collect import write_results
+
+    csv_path, md_path, rows = write_results(args.dir)
+    with_loss = sum(r.get("train_loss") is not None for r in rows)
+    with_eval = sum(r.get("paloma_macro_ce") is not None for r in rows)
+    print(f"collected {len(rows)} points ({with_loss} with a training loss, {with_eval} with Paloma): {csv_path}, {md_path}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from jobs.sweep.plot import plot
+
+    written, notes = plot(args.dir, args.results, args.out, args.metric)
+    for note in notes:
+        print(f"note: {note}")
+    pngs = [p for p in written if p.suffix == ".png"]
+    print(f"wrote {len(pngs)} figures (PNG + SVG) into {pngs[0].parent if pngs else args.out or Path(args.dir) / 'plots'}")
+    for p in pngs:
+        print(f"  {p.stem}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    handler = {"plan": _plan, "launch": _launch, "collect": _collect, "plot": _plot}[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"titan-moe sweep {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

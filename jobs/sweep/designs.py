@@ -1,0 +1,160 @@
+"""From the spec's axes to expert sets: the top-k and expert-count rules.
+
+Notation (Slicing and Dicing): an expert set ``(n, g, k)`` has ``n`` experts of
+hidden size ``g * ffn_hidden`` and routes each token to ``k`` of them; its
+sparsity is ``s = n / k``; ``g_gen`` is the always-active generalist expert.
+
+FLOP matching (``matching: flop``, the paper's main setting)
+    The MoE spends the dense model's FFN compute per token:
+    ``sum_i k_i * g_i + g_gen = 1``.  A homogeneous design ``(g, s)`` gets
+    ``k = (1 - g_gen) / g`` and ``n = s * k``.  A heterogeneous design gives
+    set ``i`` a FLOP share ``f_i`` (default: ``1 - g_gen`` split equally;
+    explicit shares must sum to ``1 - g_gen``): ``k_i = f_i / g_i``,
+    ``n_i = s_i * k_i``.
+
+Equal resources (``matching: equal_resources``, "Can Mixture-of-Experts Surpass
+Dense LLMs Under Strictly Equal Resources?")
+    The MoE has the dense model's *total* parameters: it keeps the dense
+    model's attention, embeddings and depth and splits the dense FFN into
+    experts, so ``sum_i n_i * g_i + g_gen = 1``.  A homogeneous design
+    ``(g, s)`` gets ``n = (1 - g_gen) / g`` and ``k = n / s`` (activation rate
+    ``1 / s``); a heterogeneous one gives set ``i`` a parameter share ``p_i``:
+    ``n_i = p_i / g_i``, ``k_i = n_i / s_i``.  Totals then equal the dense
+    model's up to the routers (``n_i * dim`` per layer), which the index
+    reports.  (We pick the MoE to match a given dense model, not the dense
+    shape to match an MoE.)
+
+A design whose ``k`` or ``n`` is not an integer is *invalid*: it is reported
+with the rule and the numbers and skipped, never rounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from itertools import product
+
+from jobs.sweep.spec import DesignSpec, RoutingSpec, SetRequest, SweepSpec
+from titan_moe.model.args import format_fraction as ff
+
+
+class InvalidDesign(ValueError):
+    """A design point the rules cannot realise; the message says which rule and why."""
+
+
+@dataclass(frozen=True)
+class ExpertSet:
+    num_experts: int
+    granularity: Fraction
+    top_k: int
+
+    def section(self) -> dict:
+        return {"num_experts": self.num_experts, "granularity": ff(self.granularity), "top_k": self.top_k}
+
+
+@dataclass
+class Design:
+    """One MoE design point (before it meets a scale, a learning rate and a seed)."""
+
+    requests: list[SetRequest]
+    heterogeneous: bool
+    generalist: Fraction
+    routing: RoutingSpec
+    aux_loss_weight: float
+    bias_update_rate: float
+    sets: list[ExpertSet] | None = None
+    invalid: str | None = None
+
+    @property
+    def granularity_label(self) -> str:
+        return "+".join(ff(r.granularity) for r in self.requests)
+
+    @property
+    def sparsity_label(self) -> str:
+        return "+".join(ff(r.sparsity) for r in self.requests)
+
+
+def _shares(requests: list[SetRequest], generalist: Fraction, what: str) -> list[Fraction]:
+    budget = 1 - generalist
+    if requests[0].share is None:
+        return [budget / len(requests)] * len(requests)
+    shares = [r.share for r in requests]
+    if sum(shares) != budget:
+        raise InvalidDesign(
+            f"{what} shares {' + '.join(ff(s) for s in shares)} = {ff(sum(shares))} must sum to "
+            f"1 - generalist_granularity = {ff(budget)}"
+        )
+    return shares
+
+
+def _integer(value: Fraction, message: str) -> int:
+    if value.denominator != 1 or value < 1:
+        raise InvalidDesign(f"{message} = {ff(value)} is not a positive integer")
+    return int(value)
+
+
+def resolve_sets(requests: list[SetRequest], generalist: Fraction, matching: str) -> list[ExpertSet]:
+    """The expert sets of a design under the matching rule; InvalidDesign when not integral."""
+    sets = []
+    if matching == "flop":
+        shares = _shares(requests, generalist, "FLOP")
+        for i, (r, share) in enumerate(zip(requests, shares)):
+            where = f"set {i}: " if len(requests) > 1 else ""
+            if len(requests) == 1:
+                rule = f"{where}top_k = (1 - g_gen) / g = (1 - {ff(generalist)}) / {ff(r.granularity)}"
+            else:
+                rule = f"{where}top_k = share / g = {ff(share)} / {ff(r.granularity)}"
+            k = _integer(share / r.granularity, rule)
+            n = _integer(r.sparsity * k, f"{where}num_experts = sparsity x top_k = {ff(r.sparsity)} x {k}")
+            sets.append(ExpertSet(n, r.granularity, k))
+    else:
+        shares = _shares(requests, generalist, "parameter")
+        for i, (r, share) in enumerate(zip(requests, shares)):
+            where = f"set {i}: " if len(requests) > 1 else ""
+            if len(requests) == 1:
+                rule = f"{where}num_experts = (1 - g_gen) / g = (1 - {ff(generalist)}) / {ff(r.granularity)}"
+            else:
+                rule = f"{where}num_experts = share / g = {ff(share)} / {ff(r.granularity)}"
+            n = _integer(share / r.granularity, rule)
+            k = _integer(Fraction(n) / r.sparsity, f"{where}top_k = num_experts / sparsity = {n} / {ff(r.sparsity)}")
+            sets.append(ExpertSet(n, r.granularity, k))
+    return sets
+
+
+def enumerate_designs(spec: SweepSpec) -> list[Design]:
+    """Every MoE design of the spec, in axis order (the first value of each axis first)."""
+    d: DesignSpec = spec.moe
+    combos: list[tuple[list[SetRequest], bool]] = [
+        ([SetRequest(g, s)], False) for g, s in product(d.granularities, d.sparsities)
+    ]
+    combos += [(list(c), True) for c in d.heterogeneous]
+    designs = []
+    for g_gen, (requests, hetero), routing, aux, bias in product(
+        d.generalist_granularities, combos, d.routing, d.aux_loss_weights, d.bias_update_rates
+    ):
+        design = Design(requests, hetero, g_gen, routing, aux, bias)
+        try:
+            design.sets = resolve_sets(requests, g_gen, spec.matching)
+        except InvalidDesign as exc:
+            design.invalid = str(exc)
+        designs.append(design)
+    return designs
+
+
+def moe_section(design: Design, spec: SweepSpec) -> dict:
+    """The ``[moe]`` table of a design's run config."""
+    section = {
+        "enabled": True,
+        "expert_sets": [s.section() for s in design.sets or []],
+        "generalist_granularity": ff(design.generalist),
+        # The planner promises FLOP matching; let the model refuse a config that breaks it.
+        "require_flop_match": spec.matching == "flop",
+        "routing": design.routing.mode,
+        "aux_loss_weight": design.aux_loss_weight,
+        "z_loss_weight": spec.moe.z_loss_weight,
+        "bias_update_rate": design.bias_update_rate,
+        "renormalize": spec.moe.renormalize,
+    }
+    if design.routing.mode == "capacity":
+        section["capacity_factor"] = design.routing.capacity_factor
+    return section

@@ -1,0 +1,416 @@
+"""``titan-moe sweep plan``: one run config per design point, plus an index.
+
+For every scale the plan holds the dense baseline (the scale's ``[arch]`` with
+a plain SwiGLU FFN: FLOP-matched to every MoE of that scale) and every valid
+MoE design, each crossed with the budget multiples, learning rates and seeds.
+All parameter and FLOP numbers come from ``titan_moe.model.accounting.describe``
+(the same numbers ``titan-moe describe`` prints), never from a formula here.
+
+Budget (B = global_batch_size x seq_len tokens per step)::
+
+    tokens_target = tokens_per_param x multiple x N
+        N = the dense baseline's non-embedding active params (basis: dense, default:
+            every point of a scale sees the same tokens) or the point's own (basis: point)
+    steps         = ceil(tokens_target / B)
+    tokens        = steps x B                       (what the run actually trains on)
+    train_flops   = flops_per_token x tokens
+    gpu_hours     = train_flops / (mfu x peak_tflops x 1e12) / 3600
+
+Equal resources (matching: equal_resources; designs.py has the expert-count rule)::
+
+    dense:  tokens_dense as above; unique_tokens = tokens_dense; repeat 1
+    MoE:    steps = round(flops_per_token_dense x tokens_dense / (flops_per_token_moe x B))
+            (equal training FLOPs up to half a step), tokens = steps x B,
+            unique_tokens = tokens_dense (equal unique data),
+            repeat = tokens / unique_tokens epochs for every source in
+            [data].repeat, and [data].token_budget = tokens, so the loader
+            shrinks the unique pool to tokens / repeat = tokens_dense.
+
+Invalid points (non-integral top-k or expert count, non-integral expert width,
+an expert count the target ``ep_degree`` does not divide, anything else the
+model's config validation refuses) are listed in ``index.json`` and
+``invalid.csv`` with the reason, and get no run config.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jobs.sweep import tomlw
+from jobs.sweep.designs import Design, enumerate_designs, moe_section
+from jobs.sweep.spec import ScaleSpec, SweepSpec
+from titan_moe.errors import ConfigError
+from titan_moe.model.accounting import describe
+from titan_moe.model.args import TitanMoEModelArgs
+from titan_moe.model.args import format_fraction as ff
+
+INDEX_FORMAT = "titan-moe-sweep/1"
+CONFIG_NAME = "config.toml"
+DONE_MARKER = ".done"
+
+# Index columns, in order: knobs first, then the numbers a reader compares.
+COLUMNS = [
+    "name", "spec", "matching", "scale", "kind", "heterogeneous",
+    "granularity", "sparsity", "granularity_value", "sparsity_value",
+    "num_sets", "num_experts", "top_k", "expert_sets", "set_shares", "generalist_granularity",
+    "routing", "capacity_factor", "aux_loss_weight", "z_loss_weight", "bias_update_rate",
+    "lr", "seed", "token_multiple", "ep_degree",
+    "total_params", "active_params", "embedding_params", "non_embedding_active_params",
+    "dense_total_params", "flops_per_token", "flop_ratio", "flop_matched",
+    "seq_len", "global_batch_size", "steps", "warmup_steps",
+    "tokens_target", "tokens", "unique_tokens", "data_repeat",
+    "train_flops", "gpu_hours", "mfu", "config",
+]
+INVALID_COLUMNS = ["name", "scale", "granularity", "sparsity", "generalist_granularity", "routing",
+                   "aux_loss_weight", "bias_update_rate", "points_skipped", "reason"]
+
+
+@dataclass
+class Point:
+    name: str
+    row: dict[str, Any]
+    config: dict[str, dict[str, Any]]
+
+
+@dataclass
+class Plan:
+    spec: SweepSpec
+    points: list[Point] = field(default_factory=list)
+    invalid: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- naming
+def _frac_tag(value: Fraction) -> str:
+    return ff(value).replace("/", "-")
+
+
+def _num_tag(value: float) -> str:
+    return f"{value:g}"
+
+
+def design_tag(design: Design, spec: SweepSpec) -> str:
+    """A short, file-name-safe label; knobs that never vary in the spec are left out."""
+    if design.heterogeneous:
+        parts = [f"g{_frac_tag(r.granularity)}s{_frac_tag(r.sparsity)}" + (f"w{_frac_tag(r.share)}" if r.share else "")
+                 for r in design.requests]
+        tag = "het-" + "+".join(parts)
+    else:
+        r = design.requests[0]
+        tag = f"g{_frac_tag(r.granularity)}_s{_frac_tag(r.sparsity)}"
+    if design.generalist:
+        tag += f"_gen{_frac_tag(design.generalist)}"
+    if design.routing.mode == "capacity":
+        tag += f"_cap{_num_tag(design.routing.capacity_factor)}"
+    if len(spec.moe.aux_loss_weights) > 1:
+        tag += f"_aux{_num_tag(design.aux_loss_weight)}"
+    if len(spec.moe.bias_update_rates) > 1:
+        tag += f"_bias{_num_tag(design.bias_update_rate)}"
+    return tag
+
+
+def _run_tag(spec: SweepSpec, multiple: float, lr: float, seed: int) -> str:
+    tag = ""
+    if len(spec.budget.multiples) > 1:
+        tag += f"_x{_num_tag(multiple)}"
+    if any(len(spec.learning_rates_for(s)) > 1 for s in spec.scales):
+        tag += f"_lr{_num_tag(lr)}"
+    if len(spec.seeds) > 1:
+        tag += f"_seed{seed}"
+    return tag
+
+
+# --------------------------------------------------------------------------- numbers
+class _Describer:
+    """``describe`` per distinct (arch, moe): lr/seed/budget variants share the model."""
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+        self.cache: dict[str, dict] = {}
+
+    def __call__(self, arch: dict, moe: dict | None) -> dict:
+        key = json.dumps([arch, moe], sort_keys=True)
+        if key not in self.cache:
+            args = TitanMoEModelArgs.from_sections(arch, moe, self.seq_len)
+            self.cache[key] = describe(args, self.seq_len)
+        return self.cache[key]
+
+
+def _steps(tokens: Fraction, batch_tokens: int) -> int:
+    return max(1, math.ceil(tokens / batch_tokens))
+
+
+def _warmup(spec: SweepSpec, steps: int) -> int | None:
+    if spec.schedule.warmup_fraction is None:
+        return spec.run.get("lr_scheduler", {}).get("warmup_steps")
+    return max(1, min(steps, round(spec.schedule.warmup_fraction * steps)))
+
+
+def _gpu_hours(spec: SweepSpec, train_flops: int) -> float:
+    return train_flops / (spec.cluster.mfu * spec.cluster.peak_tflops * 1e12) / 3600.0
+
+
+# --------------------------------------------------------------------------- the plan
+def build_plan(spec: SweepSpec, out_dir: str | Path) -> Plan:
+    """Every point's index row and run config, in memory; nothing is written."""
+    out_dir = Path(out_dir).resolve()
+    plan = Plan(spec)
+    describer = _Describer(spec.seq_len)
+    designs = enumerate_designs(spec)
+    batch_tokens = spec.global_batch_size * spec.seq_len
+    ratio = Fraction(str(spec.budget.tokens_per_param))
+
+    for scale in spec.scales:
+        dense = describer(scale.arch, None)
+        lrs = spec.learning_rates_for(scale)
+        runs = [(m, lr, seed) for m in spec.budget.multiples for lr in lrs for seed in spec.seeds]
+        dense_steps = {m: _steps(ratio * Fraction(str(m)) * dense["non_embedding_active_params"], batch_tokens)
+                       for m in spec.budget.multiples}
+
+        for m, lr, seed in runs:
+            tokens = dense_steps[m] * batch_tokens
+            budget = {"tokens_target": ratio * Fraction(str(m)) * dense["non_embedding_active_params"],
+                      "steps": dense_steps[m], "tokens": tokens, "unique_tokens": tokens, "repeat": 1.0}
+            name = f"{scale.name}_dense" + _run_tag(spec, m, lr, seed)
+            plan.points.append(_point(spec, out_dir, name, scale, None, dense, dense, budget, m, lr, seed))
+
+        for design in designs:
+            tag = design_tag(design, spec)
+            reason = design.invalid or _ep_problem(design, spec)
+            d = None
+            if reason is None:
+                try:
+                    d = describer(scale.arch, moe_section(design, spec))
+                except ConfigError as exc:
+                    reason = str(exc)
+            if reason is None and spec.matching == "flop" and not d["flop_matched"]:
+                reason = f"not FLOP-matched: sum k*g + g_gen = {d['flop_ratio']}"  # the model should have refused
+            if reason is not None:
+                plan.invalid.append(_invalid_row(f"{scale.name}_{tag}", scale, design, len(runs), reason))
+                continue
+            for m, lr, seed in runs:
+                budget = _moe_budget(spec, d, dense, dense_steps[m], m, ratio, batch_tokens)
+                name = f"{scale.name}_{tag}" + _run_tag(spec, m, lr, seed)
+                plan.points.append(_point(spec, out_dir, name, scale, design, d, dense, budget, m, lr, seed))
+
+    names = [p.name for p in plan.points]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:  # a naming bug would make two points share one directory
+        raise ConfigError("spec", f"points with the same name: {', '.join(duplicates)}")
+    return plan
+
+
+def _ep_problem(design: Design, spec: SweepSpec) -> str | None:
+    ep = spec.cluster.ep_degree
+    for i, s in enumerate(design.sets or []):
+        if s.num_experts % ep:
+            where = f"set {i}: " if len(design.sets) > 1 else ""
+            return (f"{where}num_experts {s.num_experts} is not divisible by the target cluster's "
+                    f"expert-parallel degree {ep} (spec.cluster.ep_degree)")
+    return None
+
+
+def _moe_budget(spec: SweepSpec, d: dict, dense: dict, dense_steps: int, multiple: float,
+                ratio: Fraction, batch_tokens: int) -> dict[str, Any]:
+    if spec.matching == "flop":
+        basis = dense if spec.budget.basis == "dense" else d
+        target = ratio * Fraction(str(multiple)) * basis["non_embedding_active_params"]
+        steps = _steps(target, batch_tokens)
+        tokens = steps * batch_tokens
+        return {"tokens_target": target, "steps": steps, "tokens": tokens, "unique_tokens": tokens, "repeat": 1.0}
+    # Equal resources: the dense run's training FLOPs and unique tokens.
+    dense_tokens = dense_steps * batch_tokens
+    dense_flops = dense["flops_per_token"] * dense_tokens
+    target = Fraction(dense_flops, d["flops_per_token"])
+    steps = max(1, round(target / batch_tokens))
+    tokens = steps * batch_tokens
+    return {"tokens_target": target, "steps": steps, "tokens": tokens, "unique_tokens": dense_tokens,
+            "repeat": tokens / dense_tokens}
+
+
+def _invalid_row(name: str, scale: ScaleSpec, design: Design, skipped: int, reason: str) -> dict[str, Any]:
+    return {
+        "name": name, "scale": scale.name, "granularity": design.granularity_label,
+        "sparsity": design.sparsity_label, "generalist_granularity": ff(design.generalist),
+        "routing": design.routing.label, "aux_loss_weight": design.aux_loss_weight,
+        "bias_update_rate": design.bias_update_rate, "points_skipped": skipped, "reason": reason,
+    }
+
+
+def _point(spec: SweepSpec, out_dir: Path, name: str, scale: ScaleSpec, design: Design | None,
+           d: dict, dense: dict, budget: dict[str, Any], multiple: float, lr: float, seed: int) -> Point:
+    point_dir = out_dir / "points" / name
+    moe = moe_section(design, spec) if design else {"enabled": False}
+    ep = spec.cluster.ep_degree if design else 1
+    steps, tokens = budget["steps"], budget["tokens"]
+    warmup = _warmup(spec, steps)
+    train_flops = d["flops_per_token"] * tokens
+    config = _run_config(spec, point_dir, name, scale, moe, ep, steps, warmup, lr, seed, budget, design)
+    sets = design.sets if design else []
+    expert_total = sum(s.num_experts * s.granularity for s in sets)
+    expert_active = sum(s.top_k * s.granularity for s in sets)
+    row = {
+        "name": name, "spec": spec.name, "matching": spec.matching, "scale": scale.name,
+        "kind": "moe" if design else "dense",
+        "heterogeneous": bool(design and design.heterogeneous),
+        "granularity": design.granularity_label if design else "",
+        "sparsity": design.sparsity_label if design else "",
+        "granularity_value": float(design.requests[0].granularity) if design and not design.heterogeneous else None,
+        "sparsity_value": float(expert_total / expert_active) if design else None,
+        "num_sets": len(sets),
+        "num_experts": sum(s.num_experts for s in sets) if design else None,
+        "top_k": sum(s.top_k for s in sets) if design else None,
+        "expert_sets": "; ".join(f"{s.num_experts}x{ff(s.granularity)} top-{s.top_k}" for s in sets),
+        # A heterogeneous design's split of the FFN budget: FLOP shares k*g (flop matching)
+        # or parameter shares n*g (equal resources).
+        "set_shares": "+".join(ff(s.top_k * s.granularity if spec.matching == "flop" else s.num_experts * s.granularity)
+                               for s in sets) if design and design.heterogeneous else "",
+        "generalist_granularity": ff(design.generalist) if design else "",
+        "routing": design.routing.mode if design else "",
+        "capacity_factor": design.routing.capacity_factor if design else None,
+        "aux_loss_weight": design.aux_loss_weight if design else None,
+        "z_loss_weight": spec.moe.z_loss_weight if design else None,
+        "bias_update_rate": design.bias_update_rate if design else None,
+        "lr": lr, "seed": seed, "token_multiple": multiple, "ep_degree": ep,
+        "total_params": d["total_params"], "active_params": d["active_params"],
+        "embedding_params": d["embedding_params"],
+        "non_embedding_active_params": d["non_embedding_active_params"],
+        "dense_total_params": dense["total_params"],
+        "flops_per_token": d["flops_per_token"], "flop_ratio": d["flop_ratio"], "flop_matched": d["flop_matched"],
+        "seq_len": spec.seq_len, "global_batch_size": spec.global_batch_size, "steps": steps,
+        "warmup_steps": warmup,
+        "tokens_target": math.ceil(budget["tokens_target"]), "tokens": tokens,
+        "unique_tokens": budget["unique_tokens"], "data_repeat": budget["repeat"],
+        "train_flops": train_flops, "gpu_hours": _gpu_hours(spec, train_flops), "mfu": spec.cluster.mfu,
+        "config": f"points/{name}/{CONFIG_NAME}",
+    }
+    return Point(name, row, config)
+
+
+def _run_config(spec: SweepSpec, point_dir: Path, name: str, scale: ScaleSpec, moe: dict, ep: int, steps: int,
+                warmup: int | None, lr: float, seed: int, budget: dict[str, Any], design: Design | None) -> dict:
+    run = copy.deepcopy(spec.run)
+    doc: dict[str, dict[str, Any]] = {}
+    doc["job"] = {**run.pop("job", {}), "dump_folder": str(point_dir),
+                  "description": f"sweep {spec.name}: {name}"}
+    doc["model"] = {"name": "titan_moe", **run.pop("model", {})}
+    doc["arch"] = dict(scale.arch)
+    doc["moe"] = moe
+    doc["training"] = {**run.pop("training"), "steps": steps}
+    doc["optimizer"] = {**run.pop("optimizer", {}), "lr": lr}
+    lr_scheduler = run.pop("lr_scheduler", {})
+    if warmup is not None:
+        lr_scheduler["warmup_steps"] = warmup
+    doc["lr_scheduler"] = lr_scheduler
+    doc["parallelism"] = {"data_parallel_shard_degree": -1, **run.pop("parallelism", {}), "expert_parallel_degree": ep}
+    # collect reads TensorBoard event files, so they are always on.
+    doc["metrics"] = {"save_tb_folder": "tb", **run.pop("metrics", {}), "enable_tensorboard": True}
+    data = run.pop("data", {})
+    if spec.matching == "equal_resources":
+        data["token_budget"] = budget["tokens"]
+        if design is not None:
+            data["repeat"] = {source: budget["repeat"] for source in spec.equal_resources.sources}
+    if data:
+        doc["data"] = data
+    debug = run.pop("debug", {})
+    doc.update(run)  # any other section the spec gives, as it is
+    doc["debug"] = {**debug, "seed": seed}
+    return doc
+
+
+# --------------------------------------------------------------------------- writing
+def atomic_write(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path`` and rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; configs are read by other users and pods
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+    return buf.getvalue()
+
+
+def config_text(point: Point, spec: SweepSpec) -> str:
+    header = (f"titan-moe sweep '{spec.name}', point {point.name}.\n"
+              f"Written by `titan-moe sweep plan`; change the spec and re-plan rather than editing this file.")
+    return tomlw.dumps(point.config, header)
+
+
+def write_plan(plan: Plan, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Write every run config, then the index last (atomically): a reader sees all or the old one.
+
+    Re-planning into a directory keeps finished points; it refuses (unless
+    ``force``) to change the config of a point that already finished.
+    """
+    out_dir = Path(out_dir).resolve()
+    texts = {p.name: config_text(p, plan.spec) for p in plan.points}
+    if not force:
+        for name, text in texts.items():
+            path = out_dir / "points" / name / CONFIG_NAME
+            if (path.parent / DONE_MARKER).exists() and path.exists() and path.read_text() != text:
+                raise ConfigError(
+                    "--out", f"point {name} in {out_dir} already finished with a different run config; "
+                    f"plan into a new directory, or pass --force to replace it",
+                )
+    for name, text in texts.items():
+        atomic_write(out_dir / "points" / name / CONFIG_NAME, text)
+    rows = [p.row for p in plan.points]
+    index = {
+        "format": INDEX_FORMAT, "spec": plan.spec.name, "description": plan.spec.description,
+        "matching": plan.spec.matching,
+        "cluster": vars(plan.spec.cluster),
+        "summary": summary(plan),
+        "points": rows, "invalid": plan.invalid,
+    }
+    atomic_write(out_dir / "spec.yaml", yaml.safe_dump(plan.spec.raw, sort_keys=False))
+    atomic_write(out_dir / "invalid.csv", csv_text(plan.invalid, INVALID_COLUMNS))
+    atomic_write(out_dir / "index.csv", csv_text(rows, COLUMNS))
+    atomic_write(out_dir / "index.json", json.dumps(index, indent=1) + "\n")
+    return out_dir
+
+
+def summary(plan: Plan) -> dict[str, Any]:
+    rows = [p.row for p in plan.points]
+    return {
+        "points": len(rows),
+        "dense": sum(r["kind"] == "dense" for r in rows),
+        "moe": sum(r["kind"] == "moe" for r in rows),
+        "invalid_designs": len(plan.invalid),
+        "invalid_points": sum(r["points_skipped"] for r in plan.invalid),
+        "train_flops": sum(r["train_flops"] for r in rows),
+        "gpu_hours": sum(r["gpu_hours"] for r in rows),
+    }
+
+
+def load_index(plan_dir: str | Path) -> dict[str, Any]:
+    """The index a plan wrote; a clear error when ``plan_dir`` is not a planned sweep."""
+    path = Path(plan_dir) / "index.json"
+    if not path.is_file():
+        raise ConfigError("DIR", f"{plan_dir} has no index.json; run `titan-moe sweep plan SPEC.yaml --out {plan_dir}` first")
+    index = json.loads(path.read_text())
+    if index.get("format") != INDEX_FORMAT:
+        raise ConfigError("DIR", f"{path} has format {index.get('format')!r}, expected {INDEX_FORMAT!r}")
+    return index

@@ -1,0 +1,242 @@
+"""The sweep spec: a YAML file naming the axes of a design-space study.
+
+A spec is read in three steps: ``extends`` chains are deep-merged (the child
+wins, lists are replaced), ``--set key.path=value`` overrides are applied, and
+the result is checked (``jobs.sweep.spec_check.parse_spec``) into the typed
+dataclasses below.  Every mistake raises ``ConfigError`` naming the field
+(``spec.moe.granularities[2]``) and the fix; nothing is planned from a spec
+that fails.
+
+Example (see ``jobs/specs/`` for the paper's study)::
+
+    name: main_grid
+    matching: flop              # flop | equal_resources
+    cluster: {ep_degree: 8, nodes: 8, gpus_per_node: 8, mfu: 0.35, peak_tflops: 989, local_nproc: 2}
+    budget: {tokens_per_param: 20, basis: dense, multiples: [1]}
+    schedule: {warmup_fraction: 0.02}
+    scales:
+      - {name: s100m, arch: {dim: 768, n_layers: 12, n_heads: 12, ffn_hidden: 3072, vocab_size: 50280}}
+    moe:
+      granularities: ["1", "1/2", "1/4", "1/8"]
+      sparsities: [1, 8, 64]
+      heterogeneous:            # optional: combinations of several expert sets
+        - [{granularity: "1/2", sparsity: 8}, {granularity: "1/8", sparsity: 8}]
+      generalist_granularities: ["0"]
+      routing: [{mode: dropless}, {mode: capacity, capacity_factor: 1.25}]
+      aux_loss_weights: [0.01]
+      bias_update_rates: [0.0]
+    learning_rates: [4.0e-4]
+    seeds: [0]
+    run:                        # any run-config sections, copied into every point
+      training: {seq_len: 2048, global_batch_size: 512, local_batch_size: 8, dataset: mds}
+      data: {root: "s3://bucket/olmoe-mix/2048"}
+
+The *first* value listed on an axis is its reference value: figures that do
+not study an axis show the points at its reference value.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from titan_moe.errors import ConfigError
+
+MATCHING_MODES = ("flop", "equal_resources")
+BUDGET_BASES = ("dense", "point")
+ROUTING_MODES = ("dropless", "capacity")
+# OLMoE-mix-0924's sources: the default list the equal-resources mode repeats.
+OLMOE_SOURCES = ("dclm", "starcoder", "pes2o", "arxiv", "open-web-math", "algebraic-stack", "wiki")
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+# Run-config keys the planner writes itself: a spec that sets them would be silently overruled.
+PLANNER_OWNED = {
+    "arch": "the shape comes from spec.scales[*].arch",
+    "moe": "the design comes from spec.moe",
+    "job.dump_folder": "every point writes into its own directory",
+    "model.name": "titan-moe trains model.name = 'titan_moe'",
+    "training.steps": "steps follow from spec.budget",
+    "optimizer.lr": "learning rates come from spec.learning_rates",
+    "parallelism.expert_parallel_degree": "it is spec.cluster.ep_degree for MoE points (1 for dense)",
+    "debug.seed": "seeds come from spec.seeds",
+}
+
+
+# --------------------------------------------------------------------------- dataclasses
+@dataclass
+class ClusterSpec:
+    """The target cluster: EP degree every expert count must divide, and the cost model."""
+
+    ep_degree: int = 1
+    nodes: int = 1
+    gpus_per_node: int = 8
+    mfu: float = 0.4
+    """Model FLOPs utilisation assumed for the GPU-hour estimate."""
+    peak_tflops: float = 989.0
+    """Dense bf16 peak per GPU (H100/H200: 989)."""
+    local_nproc: int = 1
+    """Processes per point for ``sweep launch --local``."""
+
+
+@dataclass
+class BudgetSpec:
+    """Token budget rule: tokens = tokens_per_param x multiple x non-embedding active params."""
+
+    tokens_per_param: float = 20.0
+    basis: str = "dense"
+    """"dense": the scale's dense baseline's params (every point of a scale sees the same
+    tokens); "point": each point's own active params."""
+    multiples: list[float] = field(default_factory=lambda: [1.0])
+    """Budget multiples ("more data" runs); each multiple is its own set of points."""
+
+
+@dataclass
+class ScheduleSpec:
+    warmup_fraction: float | None = None
+    """Warmup steps as a fraction of each point's steps; None keeps run.lr_scheduler.warmup_steps."""
+
+
+@dataclass
+class ScaleSpec:
+    """One active-parameter scale: the dense base shape (``[arch]``) every design is matched to."""
+
+    name: str
+    arch: dict[str, Any]
+    learning_rates: list[float] | None = None
+    """Overrides spec.learning_rates for this scale."""
+
+
+@dataclass
+class SetRequest:
+    """One expert set of a heterogeneous combination, before the top-k rule resolves it."""
+
+    granularity: Fraction
+    sparsity: Fraction
+    share: Fraction | None = None
+    """Share of the FFN budget this set gets: its FLOP share ``k*g`` (flop matching) or its
+    parameter share ``n*g`` (equal resources); None splits ``1 - g_gen`` equally."""
+
+
+@dataclass
+class RoutingSpec:
+    mode: str = "dropless"
+    capacity_factor: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.mode if self.mode == "dropless" else f"capacity {self.capacity_factor:g}"
+
+
+@dataclass
+class DesignSpec:
+    """The MoE axes; MoE points are the product of all of them."""
+
+    granularities: list[Fraction] = field(default_factory=list)
+    sparsities: list[Fraction] = field(default_factory=list)
+    heterogeneous: list[list[SetRequest]] = field(default_factory=list)
+    generalist_granularities: list[Fraction] = field(default_factory=lambda: [Fraction(0)])
+    routing: list[RoutingSpec] = field(default_factory=lambda: [RoutingSpec()])
+    aux_loss_weights: list[float] = field(default_factory=lambda: [0.01])
+    bias_update_rates: list[float] = field(default_factory=lambda: [0.0])
+    z_loss_weight: float = 0.001
+    renormalize: bool = False
+
+
+@dataclass
+class EqualResourcesSpec:
+    sources: list[str] = field(default_factory=lambda: list(OLMOE_SOURCES))
+    """Data sources the MoE repeats (``[data].repeat`` needs their names)."""
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    scales: list[ScaleSpec]
+    moe: DesignSpec
+    run: dict[str, Any]
+    description: str = ""
+    matching: str = "flop"
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    learning_rates: list[float] = field(default_factory=lambda: [4e-4])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    equal_resources: EqualResourcesSpec = field(default_factory=EqualResourcesSpec)
+    raw: dict[str, Any] = field(default_factory=dict)
+    """The merged YAML document the spec was read from (saved next to the plan)."""
+
+    @property
+    def seq_len(self) -> int:
+        return self.run["training"]["seq_len"]
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.run["training"]["global_batch_size"]
+
+    def learning_rates_for(self, scale: ScaleSpec) -> list[float]:
+        return scale.learning_rates if scale.learning_rates is not None else self.learning_rates
+
+
+# --------------------------------------------------------------------------- loading
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+    """Read, merge (``extends``), override (``key.path=value``) and validate a spec file."""
+    from jobs.sweep.spec_check import parse_spec
+
+    doc = _load_with_extends(Path(path), [])
+    for item in overrides or []:
+        apply_override(doc, item)
+    return parse_spec(doc)
+
+
+def _load_with_extends(path: Path, chain: list[Path]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(p.name for p in [*chain, path])
+        raise ConfigError("spec.extends", f"circular extends chain: {cycle}")
+    if not path.is_file():
+        where = f" (extended by {chain[-1].name})" if chain else ""
+        raise ConfigError("spec", f"spec file {str(path)!r} does not exist{where}")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("spec", f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError("spec", f"{path} must hold a mapping at the top level, got {type(doc).__name__}")
+    parent = doc.pop("extends", None)
+    if parent is None:
+        return doc
+    if not isinstance(parent, str):
+        raise ConfigError("spec.extends", f"must be a file name relative to {path.name}, got {parent!r}")
+    return deep_merge(_load_with_extends(path.parent / parent, [*chain, path]), doc)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: mappings merge key by key, everything else (lists too) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_override(doc: dict[str, Any], item: str) -> None:
+    """``cluster.ep_degree=4`` or ``run.data.root=/tmp/mds``: the value is read as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", f"{item!r} is not KEY.PATH=VALUE (e.g. cluster.ep_degree=4)")
+    parts = key.strip().split(".")
+    node = doc
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}", f"spec.{'.'.join(parts[: i + 1])} is not a mapping")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
