@@ -1,0 +1,188 @@
+"""Score a titan-moe checkpoint: rebuild the model from the run config, load DCP weights.
+
+torchtitan saves a *flattened* state dict per step directory
+(`<job.dump_folder>/<checkpoint.folder>/step-N/`): the model's parameters
+and persistent buffers under their FQNs at the top level, next to the
+"optimizer", "lr_scheduler", "dataloader" and "train_state" entries.  We ask
+DCP for the model keys only, so any number of saving ranks (FSDP/EP shards)
+reshards onto however many ranks evaluate, each holding a full replica.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from eval.models import ModuleLogitsModel
+from eval.tokenizer import TextTokenizer
+from titan_moe.errors import ConfigError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class RunConfig:
+    """The parts of a run TOML eval reads."""
+
+    path: Path
+    doc: dict
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("--config", f"{path} does not exist")
+        with open(path, "rb") as f:
+            return cls(path, tomllib.load(f))
+
+    def section(self, name: str) -> dict:
+        return dict(self.doc.get(name, {}))
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.section("training").get("seq_len", 2048))
+
+    def model_args(self):
+        from titan_moe.model.args import TitanMoEModelArgs
+
+        if "arch" not in self.doc:
+            raise ConfigError("arch", f"{self.path} has no [arch] section; is it a titan-moe run config?")
+        return TitanMoEModelArgs.from_sections(self.doc["arch"], self.doc.get("moe"), self.seq_len)
+
+    @property
+    def dump_folder(self) -> Path:
+        return Path(self.section("job").get("dump_folder", "./outputs"))
+
+    @property
+    def checkpoint_folder(self) -> Path:
+        return self.dump_folder / self.section("checkpoint").get("folder", "checkpoint")
+
+    @property
+    def tensorboard_dir(self) -> Path | None:
+        metrics = self.section("metrics")
+        if not metrics.get("enable_tensorboard", True):
+            return None
+        # A sibling of the trainer's timestamped runs, so both show in one TensorBoard.
+        return self.dump_folder / metrics.get("save_tb_folder", "tb") / "eval"
+
+    def _prep_manifest(self) -> dict:
+        """The mixture manifest `titan-moe prep` wrote at [data].root (local roots only)."""
+        root = self.section("data").get("root")
+        if root and "://" not in str(root) and (Path(root) / "manifest.json").is_file():
+            return json.loads((Path(root) / "manifest.json").read_text())
+        return {}
+
+    def tokenizer_path(self) -> str | None:
+        """[model].hf_assets_path/tokenizer.json, else the tokenizer the training data was prepped with."""
+        assets = self.section("model").get("hf_assets_path")
+        if assets and (Path(assets) / "tokenizer.json").is_file():
+            return str(Path(assets) / "tokenizer.json")
+        return self._prep_manifest().get("tokenizer") or None
+
+    def eos_id(self) -> int | None:
+        value = self._prep_manifest().get("eos_id")
+        return int(value) if value is not None else None
+
+
+def resolve_step_dir(path: str | Path) -> tuple[Path, int]:
+    """A `step-N` directory as given, or the newest complete one inside a checkpoint folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError("--checkpoint", f"{path} is not a directory")
+    match = STEP_DIR.match(path.name)
+    if match:
+        if not (path / ".metadata").is_file():
+            raise ConfigError("--checkpoint", f"{path} has no .metadata: an incomplete or non-DCP checkpoint")
+        return path, int(match.group(1))
+    steps = sorted(
+        (int(m.group(1)), p) for p in path.iterdir() if (m := STEP_DIR.match(p.name)) and (p / ".metadata").is_file()
+    )
+    if not steps:
+        raise ConfigError("--checkpoint", f"{path} holds no complete step-N checkpoint (a directory with .metadata)")
+    return steps[-1][1], steps[-1][0]
+
+
+def _check_against_metadata(step_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """Fail with the keys/shapes that differ, instead of DCP's terse error deep in a load."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    missing = [k for k in state_dict if k not in saved]
+    wrong = [
+        f"{k}: checkpoint {tuple(saved[k].size)} vs config {tuple(v.shape)}"
+        for k, v in state_dict.items()
+        if k in saved and hasattr(saved[k], "size") and tuple(saved[k].size) != tuple(v.shape)
+    ]
+    if missing or wrong:
+        lines = ([f"missing {k}" for k in missing[:10]] + wrong[:10])
+        raise ConfigError(
+            "--config",
+            f"the run config does not describe the model saved in {step_dir} "
+            f"({len(missing)} missing, {len(wrong)} mis-shaped):\n  " + "\n  ".join(lines)
+            + "\npass the run config the checkpoint was trained with",
+        )
+
+
+def load_model_weights(model: torch.nn.Module, step_dir: Path) -> None:
+    """Fill `model`'s parameters and persistent buffers from a torchtitan DCP step directory."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    state_dict = model.state_dict()
+    _check_against_metadata(step_dir, state_dict)
+    # Only model keys are requested: optimizer/dataloader/train_state entries are left unread.
+    dcp.load(state_dict, checkpoint_id=str(step_dir), planner=DefaultLoadPlanner())
+    model.load_state_dict(state_dict)
+
+
+def load_checkpoint_model(
+    checkpoint: str | Path | None,
+    config: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    tokenizer: str | None = None,
+    eos_id: int | None = None,
+) -> tuple[ModuleLogitsModel, TextTokenizer, dict]:
+    """(model, tokenizer, source info) for a titan-moe checkpoint.
+
+    `checkpoint` may be a step-N directory or the checkpoint folder (newest
+    step taken); None means the run config's own `<dump_folder>/<checkpoint.folder>`.
+    """
+    from titan_moe.model.transformer import Transformer
+
+    run = RunConfig.load(config)
+    args = run.model_args()
+    step_dir, step = resolve_step_dir(checkpoint if checkpoint is not None else run.checkpoint_folder)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)  # non-persistent buffers (RoPE tables) are not in checkpoints
+    load_model_weights(model, step_dir)
+    if dtype is not None:
+        # Parameters only: buffers such as RoPE tables and expert biases stay in float32.
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
+    model.eval()
+    tok_source = tokenizer or run.tokenizer_path()
+    if tok_source is None:
+        raise ConfigError(
+            "--tokenizer",
+            f"{run.path} leads to no tokenizer (no [model].hf_assets_path/tokenizer.json, no local "
+            "[data].root/manifest.json); pass --tokenizer PATH/tokenizer.json or a hub id",
+        )
+    tok = TextTokenizer.load(tok_source, eos_id=eos_id if eos_id is not None else run.eos_id())
+    if tok.vocab_size > args.padded_vocab_size:
+        raise ConfigError("--tokenizer", f"tokenizer has {tok.vocab_size} ids, the model only {args.padded_vocab_size}")
+    name = run.section("job").get("description") or run.path.stem
+    lm = ModuleLogitsModel(model, max_seq_len=args.max_seq_len, eos_id=tok.eos_id, name=name, step=step, device=device)
+    info = {"kind": "titan-moe", "checkpoint": str(step_dir), "config": str(run.path), "tokenizer": tok.source,
+            "tensorboard_dir": str(run.tensorboard_dir) if run.tensorboard_dir else None}  # fmt: skip
+    return lm, tok, info

@@ -1,0 +1,199 @@
+"""`titan-moe eval`: score a checkpoint or a Hugging Face model on Paloma and downstream tasks.
+
+    titan-moe eval --checkpoint outputs/checkpoint/step-1000 --config run.toml \\
+        --tasks paloma,boolq,hellaswag,mmlu --data-root data/eval --out results.json --nproc 8
+    titan-moe eval --hf-model ./OLMoE-1B-7B --tasks mmlu:stem,boolq --data-root data/eval
+
+`--nproc N` re-launches itself under torchrun with N processes (results are
+identical to one process).  The markdown table goes to stdout; the JSON to
+--out (or to stdout when --out is absent); scalars go to the run's
+TensorBoard at the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from titan_moe.errors import ConfigError
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="titan-moe eval", description=__doc__.split("\n\n")[0])
+    src = p.add_argument_group("model (one of)")
+    src.add_argument("--checkpoint", help="a step-N DCP directory or a checkpoint folder (newest step); "
+                     "default: the run config's <job.dump_folder>/<checkpoint.folder>")
+    src.add_argument("--config", help="the run TOML the checkpoint was trained with")
+    src.add_argument("--hf-model", help="a local Hugging Face causal LM directory")
+    p.add_argument("--tasks", required=True, help="paloma,boolq,hellaswag,mmlu; subsets as paloma:c4_en+ice, mmlu:stem")
+    p.add_argument("--data-root", type=Path, help="folder holding boolq/, hails/mmlu_no_train/, paloma/ ...")
+    p.add_argument("--task-data", action="append", default=[], metavar="TASK=PATH",
+                   help="per-task data: a save_to_disk split dir or JSONL (paloma: its root); repeatable")
+    p.add_argument("--out", type=Path, help="write the results JSON here")
+    p.add_argument("--nproc", type=int, default=1, help="processes (torchrun, one per GPU or CPU share)")
+    p.add_argument("--shots", default="0,5", help="downstream few-shot settings, e.g. 0 or 0,5 (default 0,5)")
+    p.add_argument("--limit", type=int, help="first N questions (per MMLU subject) / documents (per Paloma subset)")
+    p.add_argument("--tokenizer", help="tokenizer.json or hub id (default: the model's / the run config's)")
+    p.add_argument("--eos-id", type=int, help="end-of-text id (default: from the tokenizer/model)")
+    p.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast parameters (default: as saved)")
+    p.add_argument("--batch-tokens", type=int, help="rows x padded length per forward (default 4096 CPU, 65536 GPU)")
+    p.add_argument("--batch-size", type=int, default=64, help="max rows per forward")
+    p.add_argument("--mmlu-format", choices=["cloze", "mc"], default="cloze")
+    p.add_argument("--mmlu-split", default="validation", choices=["validation", "test"])
+    p.add_argument("--paloma-split", default="val", choices=["val", "test"])
+    p.add_argument("--tb-dir", type=Path, help="TensorBoard log dir (default for checkpoints: <dump>/tb/eval)")
+    p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument("--save-examples", type=Path, help="per-question / per-document log-likelihoods as JSONL")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _parse_task_data(items: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ConfigError("--task-data", f"expected TASK=PATH, got {item!r}")
+        out[name.strip()] = Path(path)
+    return out
+
+
+def _parse_shots(text: str) -> tuple[int, ...]:
+    try:
+        shots = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError("--shots", f"expected comma-separated integers like 0,5, got {text!r}") from None
+    if not shots or any(s < 0 for s in shots):
+        raise ConfigError("--shots", f"expected non-negative integers, got {text!r}")
+    return shots
+
+
+def _relaunch_with_torchrun(argv: list[str], nproc: int) -> int:
+    """--nproc N: run this same command under torchrun (standalone rendezvous on this host)."""
+    child_argv, skip = [], False
+    for arg in argv:  # children see WORLD_SIZE instead; torchrun would also take --nproc for its own flag
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            child_argv.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "eval.cli", *child_argv]  # fmt: skip
+    env = dict(os.environ, TITAN_EVAL_CHILD="1")
+    return subprocess.call(cmd, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args, argv)
+    except ConfigError as exc:
+        print(f"titan-moe eval: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args, argv: list[str]) -> int:
+    # Validate everything cheap before loading a model or starting processes.
+    if bool(args.hf_model) == bool(args.checkpoint or args.config):
+        raise ConfigError("--checkpoint/--config/--hf-model", "give either --hf-model DIR or --config RUN.toml [--checkpoint DIR]")
+    if args.checkpoint and not args.config:
+        raise ConfigError("--config", "a titan-moe checkpoint needs the run config it was trained with")
+    from eval.tasks import parse_tasks
+
+    specs = parse_tasks(args.tasks)
+    shots = _parse_shots(args.shots)
+    task_data = _parse_task_data(args.task_data)
+    if args.nproc < 1:
+        raise ConfigError("--nproc", "must be >= 1")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_with_torchrun(argv, args.nproc)
+
+    import torch
+
+    from eval import distributed as ed
+    from eval.report import (
+        build_document,
+        markdown_table,
+        write_json,
+        write_tensorboard,
+    )
+    from eval.suite import SuiteConfig, run_suite
+
+    started_pg, device = ed.init_from_env()
+    if args.device:
+        wanted = torch.device(args.device)
+        # "cuda" under torchrun means this rank's GPU, not GPU 0 for everyone.
+        if not (wanted.type == device.type and wanted.index is None):
+            device = wanted
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    try:
+        if args.hf_model:
+            from eval.models import load_hf_model
+
+            model, tokenizer = load_hf_model(
+                args.hf_model, device=device, dtype=dtype, max_seq_len=args.max_seq_len,
+                eos_id=args.eos_id, tokenizer=args.tokenizer,
+            )  # fmt: skip
+            source = {"kind": "huggingface", "path": str(args.hf_model), "tokenizer": tokenizer.source}
+            tb_dir = args.tb_dir
+        else:
+            from eval.checkpoint import load_checkpoint_model
+
+            model, tokenizer, source = load_checkpoint_model(
+                args.checkpoint, args.config, device=device, dtype=dtype, tokenizer=args.tokenizer, eos_id=args.eos_id
+            )
+            if args.max_seq_len:
+                model.max_seq_len = args.max_seq_len
+            tb_dir = args.tb_dir or (Path(source["tensorboard_dir"]) if source.get("tensorboard_dir") else None)
+        batch_tokens = args.batch_tokens or (65536 if device.type == "cuda" else 4096)
+        cfg = SuiteConfig(
+            data_root=args.data_root, task_data=task_data, shots=shots, limit=args.limit,
+            batch_tokens=batch_tokens, max_batch_size=args.batch_size, mmlu_format=args.mmlu_format,
+            mmlu_split=args.mmlu_split, paloma_split=args.paloma_split, progress=not args.no_progress,
+            return_examples=args.save_examples is not None,
+        )  # fmt: skip
+        results = run_suite(model, tokenizer, specs, config=cfg)
+        if ed.rank() != 0:
+            return 0
+        settings = {
+            "max_seq_len": model.max_seq_len, "eos_id": model.eos_id, "shots": list(shots),
+            "limit": args.limit, "batch_tokens": batch_tokens, "world_size": ed.world_size(),
+            "device": str(device), "dtype": args.dtype or "as saved", "mmlu_format": args.mmlu_format,
+            "mmlu_split": args.mmlu_split, "paloma_split": args.paloma_split,
+            "data_root": str(args.data_root) if args.data_root else None,
+        }  # fmt: skip
+        doc = build_document(results, model_name=model.name, step=model.step, source=source, settings=settings)
+        print(markdown_table(doc))
+        if args.out:
+            write_json(doc, args.out)
+            print(f"wrote {args.out}", file=sys.stderr)
+        else:
+            print(json.dumps(doc, indent=2))
+        if args.save_examples:
+            args.save_examples.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.save_examples, "w") as f:
+                for row in results.get("examples", []):
+                    f.write(json.dumps(row) + "\n")
+        if tb_dir is not None and not args.no_tensorboard:
+            n = write_tensorboard(doc, tb_dir, model.step)
+            print(f"wrote {n} scalars to TensorBoard {tb_dir} at step {model.step or 0}", file=sys.stderr)
+        return 0
+    finally:
+        if started_pg:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The results document, the markdown table, and TensorBoard scalars.
+
+JSON layout (one document per eval run):
+    {"format": "titan-moe-eval/1", "model": ..., "step": ..., "source": {...},
+     "settings": {...}, "elapsed_s": ...,
+     "tasks": {
+        "paloma": {"subsets": {name: {ce, ppl, bits_per_byte, tokens, documents, ...}},
+                   "macro_ce": ..., "macro_bits_per_byte": ...},
+        "boolq": {accuracy, accuracy_per_char, ce_per_char, n, num_fewshot, skipped, ...},
+        "boolq_5shot": {...},
+        "mmlu": {..., "categories": {stem: {...}, ...}, "subjects": {...}}, ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+FORMAT = "titan-moe-eval/1"
+
+
+def build_document(results: dict, *, model_name: str, step: int | None, source: dict, settings: dict) -> dict:
+    return {
+        "format": FORMAT,
+        "model": model_name,
+        "step": step,
+        "source": source,
+        "settings": settings,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "elapsed_s": results.get("elapsed_s"),
+        "tasks": results["tasks"],
+    }
+
+
+def write_json(doc: dict, path: str | Path) -> None:
+    """Atomic: a reader never sees half a results file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(doc: dict) -> str:
+    """Paper-ready tables: Paloma by subset, then downstream tasks (MMLU by category)."""
+    step = doc.get("step")
+    title = f"**{doc.get('model')}**" + (f" (step {step})" if step is not None else "")
+    out = [title, ""]
+    tasks = doc["tasks"]
+    paloma = tasks.get("paloma")
+    if paloma:
+        out += ["| Paloma subset | docs | tokens | CE (nats/tok) | PPL | bits/byte |", "|---|---:|---:|---:|---:|---:|"]
+        for name, s in paloma["subsets"].items():
+            out.append(
+                f"| {name} | {_fmt(s['documents'])} | {_fmt(s['tokens'])} | {_fmt(s['ce'])} | "
+                f"{_fmt(s['ppl'], 2)} | {_fmt(s['bits_per_byte'])} |"
+            )
+        out.append(f"| **macro mean** | | | **{_fmt(paloma['macro_ce'])}** | | {_fmt(paloma['macro_bits_per_byte'])} |")
+        out.append("")
+    rows = []
+    for key, t in tasks.items():
+        if key == "paloma":
+            continue
+        rows.append((key, t))
+        for cat, c in (t.get("categories") or {}).items():
+            rows.append((f"{key} / {cat}", dict(c, num_fewshot=t["num_fewshot"], skipped=None)))
+    if rows:
+        out += ["| task | shots | n | accuracy | acc (per char) | CE/char (gold) | skipped |",
+                "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for key, t in rows:
+            out.append(
+                f"| {key} | {t['num_fewshot']} | {_fmt(t['n'])} | {_fmt(t['accuracy'])} | "
+                f"{_fmt(t['accuracy_per_char'])} | {_fmt(t['ce_per_char'])} | {_fmt(t.get('skipped'))} |"
+            )
+    return "\n".join(out).rstrip() + "\n"
+
+
+def scalars(doc: dict) -> dict[str, float]:
+    """Flat `eval/<task>/<metric>` scalars, the same numbers as the JSON."""
+    flat: dict[str, float] = {}
+    for key, t in doc["tasks"].items():
+        if key == "paloma":
+            for name, s in t["subsets"].items():
+                for m in ("ce", "ppl", "bits_per_byte"):
+                    if s[m] is not None:
+                        flat[f"eval/paloma/{name}/{m}"] = s[m]
+            for m in ("macro_ce", "macro_bits_per_byte"):
+                if t[m] is not None:
+                    flat[f"eval/paloma/{m}"] = t[m]
+            continue
+        for m in ("accuracy", "accuracy_per_char", "ce_per_char"):
+            if t[m] is not None:
+                flat[f"eval/{key}/{m}"] = t[m]
+        for cat, c in (t.get("categories") or {}).items():
+            for m in ("accuracy", "accuracy_per_char", "ce_per_char"):
+                if c[m] is not None:
+                    flat[f"eval/{key}/{cat}/{m}"] = c[m]
+    return flat
+
+
+def write_tensorboard(doc: dict, log_dir: str | Path, step: int | None) -> int:
+    """Add every scalar at the checkpoint's step; returns how many were written."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    values = scalars(doc)
+    writer = SummaryWriter(str(log_dir))
+    try:
+        for tag, value in values.items():
+            writer.add_scalar(tag, value, global_step=step or 0)
+    finally:
+        writer.close()
+    return len(values)

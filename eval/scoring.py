@@ -1,0 +1,203 @@
+"""Log-likelihood of token continuations, batched, sharded over ranks.
+
+Everything the tasks score reduces to one primitive: a `Request` of context
+tokens (conditioning only) and continuation tokens (scored), answered with
+`sum log p(continuation | context)`.  Multiple-choice answers are requests;
+Paloma documents become one request per window (`rolling_windows`).
+
+Batching: requests are sorted by length (longest first, ties by index) and
+packed greedily under a token budget, so padding stays small.  The batch
+plan depends only on the requests, never on the number of ranks; batch b
+runs on rank b % world.  Hence every request is computed in the same batch,
+with the same shapes, whatever the world size -> identical numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from eval import distributed as ed
+from eval.models import LogitsModel
+
+
+@dataclass(frozen=True)
+class Request:
+    context: tuple[int, ...]  # conditioning tokens, left-truncated to fit the model
+    continuation: tuple[int, ...]  # tokens whose log-probability is summed
+
+
+@dataclass
+class ScoreStats:
+    """What the benchmark reads: real vs padded tokens and time in forward passes."""
+
+    requests: int = 0
+    batches: int = 0
+    scored_tokens: int = 0  # continuation tokens (the ones that count)
+    input_tokens: int = 0  # real (unpadded) tokens fed to the model
+    padded_tokens: int = 0  # batch rows x padded length, what the model computed
+    forward_s: float = 0.0
+    total_s: float = 0.0
+    per_rank_batches: list[int] = field(default_factory=list)
+
+
+def rolling_windows(tokens: list[int], eos_id: int, max_seq_len: int) -> list[Request]:
+    """Cut one document into context-sized windows; each token is scored exactly once.
+
+    The first window is conditioned on an EOS prefix: input `[EOS] + t[:L-1]`
+    predicts `t[:L]`.  Later windows predict the next L tokens from the L
+    tokens before each of them; the final, shorter window still takes a full
+    L-token input, its extra (already scored) tokens serving only as context.
+    This is lm-evaluation-harness' `get_rolling_token_windows(context_len=1)`
+    in disjoint form, which catwalk uses for Paloma.
+    """
+    if max_seq_len < 1:
+        raise ValueError("max_seq_len must be >= 1")
+    n = len(tokens)
+    if n == 0:
+        return []
+    first = min(max_seq_len, n)
+    windows = [Request((eos_id,), tuple(tokens[:first]))]
+    predicted = first
+    while predicted < n:
+        end = min(n, predicted + max_seq_len)
+        windows.append(Request(tuple(tokens[end - max_seq_len - 1 : predicted]), tuple(tokens[predicted:end])))
+        predicted = end
+    return windows
+
+
+def model_input(req: Request, max_seq_len: int) -> list[int]:
+    """The tokens fed to the model: context + continuation minus the last, left-truncated to L."""
+    n = len(req.continuation)
+    if n == 0:
+        raise ValueError("a request needs at least one continuation token")
+    if n > max_seq_len:
+        raise ValueError(f"continuation of {n} tokens does not fit the model context of {max_seq_len}")
+    if not req.context:
+        raise ValueError("a request needs at least one context token (use EOS for an empty context)")
+    full = list(req.context) + list(req.continuation)
+    return full[-(max_seq_len + 1) : -1]
+
+
+def plan_batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
+    """Longest first; fill a batch while rows x longest row stays within the token budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and ((len(current) + 1) * width > batch_tokens or len(current) >= max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@torch.no_grad()
+def score_requests(
+    model: LogitsModel,
+    requests: list[Request],
+    *,
+    batch_tokens: int = 16384,
+    max_batch_size: int = 64,
+    pad_id: int | None = None,
+    progress: bool = True,
+    desc: str = "scoring",
+    group=None,
+    stats: ScoreStats | None = None,
+    logprob_chunk: int = 4096,
+) -> list[float]:
+    """sum log p(continuation | context) for every request, identical on every rank.
+
+    All ranks must call this together (it runs a collective gather, and in
+    lock-step the same number of forward passes, so an FSDP- or
+    expert-parallel-sharded model can be scored in-loop).
+    """
+    t_start = time.perf_counter()
+    L = model.max_seq_len
+    pad = model.eos_id if pad_id is None else pad_id
+    inputs = [model_input(r, L) for r in requests]
+    batches = plan_batches([len(x) for x in inputs], max(batch_tokens, L), max_batch_size)
+    rank, world = ed.rank(group), ed.world_size(group)
+    mine = batches[rank::world]
+    # Lock-step: every rank runs ceil(n/world) forwards so sharded models never wait forever.
+    steps = math.ceil(len(batches) / world) if batches else 0
+    device = getattr(model, "device", None) or "cpu"
+    local: dict[int, float] = {}
+    forward_s = 0.0
+    bar = tqdm(total=len(mine), desc=desc, unit="batch", disable=not progress or rank != 0, leave=False)
+    for step in range(steps):
+        if step >= len(mine):
+            model(torch.full((1, 2), pad, dtype=torch.long, device=device))  # keep collectives in step
+            continue
+        rows = mine[step]
+        width = len(inputs[rows[0]])
+        x = torch.full((len(rows), width), pad, dtype=torch.long)
+        for r, i in enumerate(rows):
+            x[r, : len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
+        t0 = time.perf_counter()
+        logits = model(x.to(device))
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
+        forward_s += time.perf_counter() - t0
+        for i, lp in zip(rows, _continuation_logprobs(logits, rows, inputs, requests, logprob_chunk)):
+            local[i] = lp
+        if stats is not None:
+            stats.padded_tokens += len(rows) * width
+            stats.input_tokens += sum(len(inputs[i]) for i in rows)
+        bar.update(1)
+    bar.close()
+    merged: dict[int, float] = {}
+    for part in ed.all_gather_objects(local, group):
+        merged.update(part)
+    if len(merged) != len(requests):
+        raise RuntimeError(f"gathered {len(merged)} scores for {len(requests)} requests")
+    if stats is not None:
+        stats.requests += len(requests)
+        stats.batches += len(batches)
+        stats.scored_tokens += sum(len(r.continuation) for r in requests)
+        stats.forward_s += forward_s
+        stats.total_s += time.perf_counter() - t_start
+        stats.per_rank_batches = [len(batches[r::world]) for r in range(world)]
+    return [merged[i] for i in range(len(requests))]
+
+
+def _continuation_logprobs(logits, rows, inputs, requests, chunk: int) -> list[float]:
+    """Sum over each row's continuation positions of log p(target); float32 math, float64 sums.
+
+    The scored positions are addressed in the flattened [B*S, V] logits and
+    handled `chunk` positions at a time: a run of consecutive positions (a
+    Paloma window) is a view, scattered ones (answers) are gathered, so the
+    float32 temporaries never exceed `chunk` x vocab.
+    """
+    B, S, V = logits.shape
+    flat = logits.reshape(B * S, V)
+    index, targets, lengths = [], [], []
+    for r, i in enumerate(rows):
+        n, m = len(requests[i].continuation), len(inputs[i])
+        index += range(r * S + m - n, r * S + m)
+        targets += requests[i].continuation
+        lengths.append(n)
+    target_t = torch.tensor(targets, device=logits.device)
+    token_lp = torch.empty(len(index), dtype=torch.float64)
+    for s in range(0, len(index), chunk):
+        part = index[s : s + chunk]
+        if part[-1] - part[0] + 1 == len(part):
+            sel = flat[part[0] : part[-1] + 1]
+        else:
+            sel = flat[torch.tensor(part, device=logits.device)]
+        nll = F.cross_entropy(sel.float(), target_t[s : s + chunk], reduction="none")
+        token_lp[s : s + len(part)] = -nll.double().cpu()
+    # Per-row sums on CPU in a fixed order: reproducible whatever the device.
+    out, start = [], 0
+    for n in lengths:
+        out.append(float(token_lp[start : start + n].sum()))
+        start += n
+    return out
