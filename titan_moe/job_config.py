@@ -93,12 +93,26 @@ class Metrics:
 
 
 @dataclass
+class Checkpoint:
+    """Extra ``[checkpoint]`` keys, merged into torchtitan's section (see titan_moe.checkpoint)."""
+
+    preemption_grace_seconds: float = 25.0
+    """After SIGTERM, finish the step and write a final checkpoint only if it fits in this
+    many seconds; torchrun kills its workers 30 s after forwarding SIGTERM."""
+
+    fault_injection_write_delay: float = 0.0
+    """Tests only: the background writer sleeps this long before writing each async save,
+    so a test can kill a rank while a save is in flight."""
+
+
+@dataclass
 class JobConfig:
     arch: Arch = field(default_factory=Arch)
     moe: MoE = field(default_factory=MoE)
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     metrics: Metrics = field(default_factory=Metrics)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
 
 
 def arch_section(job_config: Any) -> dict[str, Any]:

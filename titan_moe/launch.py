@@ -27,8 +27,10 @@ def default_nproc() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
-def build_command(config: str, nproc: int, overrides: list[str], log_all_ranks: bool = False) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+def build_command(config: str, nproc: int, overrides: list[str], log_all_ranks: bool = False,
+                  max_restarts: int = 0) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           f"--max-restarts={max_restarts}"]
     if not log_all_ranks:
         cmd += ["--local-ranks-filter", "0"]
     return cmd + ["-m", "titan_moe.train", "--job.config_file", config, *overrides]
@@ -38,6 +40,8 @@ def build_env(nproc: int, environ: dict[str, str] | None = None) -> dict[str, st
     env = dict(os.environ if environ is None else environ)
     # torchrun would force 1 thread per process; share the cores instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # torch 2.11: restarted workers cannot rejoin a rendezvous store shared with the agent.
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return env
 
 
@@ -63,6 +67,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nproc", type=int, default=None, help="processes on this machine (default: GPUs, or 1)")
     parser.add_argument("--log-all-ranks", action="store_true", help="show every rank's output, not just rank 0's")
     parser.add_argument("--dry-run", action="store_true", help="check the config and print the command only")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="restart all workers this many times after a crash; they resume from the last checkpoint")
     args, overrides = parser.parse_known_args(argv)
     nproc = args.nproc if args.nproc is not None else default_nproc()
     try:
@@ -70,7 +76,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"titan-moe train: invalid run config {args.config}: {exc}", file=sys.stderr)
         return 2
-    cmd = build_command(args.config, nproc, overrides, args.log_all_ranks)
+    cmd = build_command(args.config, nproc, overrides, args.log_all_ranks, args.max_restarts)
     if args.dry_run:
         print(shlex.join(cmd))
         return 0

@@ -115,7 +115,19 @@ class JsonlLogger(BaseLogger):
 
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.path = path
         self.file = open(path, "a", encoding="utf-8")
+
+    def resume_at(self, step: int) -> None:
+        """Drop records after ``step`` (logged by a run that died before its next checkpoint)."""
+        self.file.close()
+        with open(self.path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         record = {"step": step, "time": time.time()} | {k: float(v) for k, v in metrics.items()}
@@ -126,11 +138,61 @@ class JsonlLogger(BaseLogger):
         self.file.close()
 
 
+class ResumableTensorBoardLogger(BaseLogger):
+    """TensorBoard at a fixed ``{dump_folder}/{save_tb_folder}``, for every restart of a run.
+
+    torchtitan opens a new timestamped directory per start, so a resumed run
+    shows up as a second run with the steps after the checkpoint drawn twice.
+    Here all restarts write into one directory, and ``resume_at(step)`` writes
+    TensorBoard's purge marker: points after ``step`` from earlier files are
+    discarded by TensorBoard, so each step has one point.
+    """
+
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir, max_queue=1000)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+
+    def resume_at(self, step: int) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self.writer.file_writer.add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _loggers(logger_obj: BaseLogger) -> list[BaseLogger]:
+    """The concrete loggers inside (nested) containers."""
+    if isinstance(logger_obj, LoggerContainer):
+        return [leaf for inner in logger_obj._loggers for leaf in _loggers(inner)]
+    return [logger_obj]
+
+
 class TitanMetricsProcessor(MetricsProcessor):
-    """torchtitan's MetricsProcessor plus the MoE metrics, a JSONL copy and a settable peak."""
+    """torchtitan's MetricsProcessor plus the MoE metrics, a JSONL copy, a settable peak,
+    and TensorBoard/JSONL logs that resume at the restored step without duplicate points."""
 
     def __init__(self, job_config: Any, parallel_dims: Any, tag: str | None = None):
-        super().__init__(job_config, parallel_dims, tag)
+        metrics = job_config.metrics
+        tensorboard, metrics.enable_tensorboard = metrics.enable_tensorboard, False  # built below, at a stable path
+        try:
+            super().__init__(job_config, parallel_dims, tag)
+        finally:
+            metrics.enable_tensorboard = tensorboard
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if tensorboard and rank0:
+            container = LoggerContainer()
+            for existing in _loggers(self.logger):
+                if type(existing) is not BaseLogger:
+                    container.add_logger(existing)
+            container.add_logger(ResumableTensorBoardLogger(os.path.join(job_config.job.dump_folder, metrics.save_tb_folder)))
+            self.logger = container
         if job_config.metrics.peak_tflops > 0:
             self.gpu_peak_flops = job_config.metrics.peak_tflops * 1e12
         # Set by the trainer: returns extra metrics for this log step (may run collectives).
@@ -141,6 +203,12 @@ class TitanMetricsProcessor(MetricsProcessor):
             container.add_logger(self.logger)
             container.add_logger(JsonlLogger(os.path.join(job_config.job.dump_folder, "metrics.jsonl")))
             self.logger = container
+
+    def resume_at(self, step: int) -> None:
+        """The run continues after checkpoint ``step``: forget what was logged past it."""
+        for each in _loggers(self.logger):
+            if hasattr(each, "resume_at"):
+                each.resume_at(step)
 
     def log(self, step: int, global_avg_loss: float, global_max_loss: float, grad_norm: float,
             extra_metrics: dict[str, Any] | None = None) -> None:

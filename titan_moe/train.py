@@ -15,7 +15,11 @@ Without torchrun it runs as a single process.
 - after each optimizer step, expert loads are reduced over all data ranks and
   the loss-free balancing biases updated (``train_spec.ExpertLoadBalancer``);
 - every log step reports LM and auxiliary losses separately and per-layer,
-  per-set MoE statistics (``metrics.py``).
+  per-set MoE statistics (``metrics.py``);
+- checkpoints go through ``titan_moe.checkpoint`` (committed-marker async
+  saves, local or s3, damaged ones skipped on resume), and SIGTERM stops all
+  ranks after the same step with a final checkpoint and exit status
+  ``PREEMPTED_EXIT_CODE`` (75).
 """
 
 # The CPU adapter must run before anything imports torchtitan (see platform.py).
@@ -25,20 +29,28 @@ platform.activate()
 
 import os  # noqa: E402
 import socket  # noqa: E402
+from datetime import timedelta  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
+from torchtitan.components.dataloader import DataloaderExhaustedError  # noqa: E402
 from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
+from torchtitan.distributed import utils as dist_utils  # noqa: E402
 from torchtitan.tools.logging import init_logger, logger  # noqa: E402
 from torchtitan.train import Trainer  # noqa: E402
 
 from titan_moe import train_spec  # noqa: E402
+from titan_moe.checkpoint import PREEMPTED_EXIT_CODE, CheckpointManager, PreemptionHandler  # noqa: E402
 from titan_moe.errors import ConfigError  # noqa: E402
 from titan_moe.job_config import parse_run_config  # noqa: E402
 from titan_moe.metrics import MoEStepStats, load_metrics  # noqa: E402
 from titan_moe.model.transformer import Transformer  # noqa: E402
 from titan_moe.preflight import check_run  # noqa: E402
+
+
+class Preempted(Exception):
+    """Raised out of the training loop after the final checkpoint of a preempted run."""
 
 
 class TitanMoETrainer(Trainer):
@@ -49,6 +61,53 @@ class TitanMoETrainer(Trainer):
         self._layout_independent_init(job_config)
         self.balancer = getattr(self.optimizers, "moe_balancer", None)
         self.metrics_processor.extra_metrics_fn = self.moe_metrics
+        self._use_titan_checkpointer(job_config)
+        self.preemption = PreemptionHandler(job_config.checkpoint.preemption_grace_seconds)
+
+    def _use_titan_checkpointer(self, job_config: Any) -> None:
+        """Swap torchtitan's CheckpointManager for ours (same calls, commit markers, s3)."""
+        self.checkpointer.close()
+        self.checkpointer = CheckpointManager(
+            model_parts=self.model_parts, optimizers=self.optimizers, lr_schedulers=self.lr_schedulers,
+            dataloader=self.dataloader, train_state=self, config=job_config.checkpoint,
+            base_folder=job_config.job.dump_folder,
+        )
+
+    # -- the loop -----------------------------------------------------------------
+    def train(self) -> None:
+        """torchtitan's loop, with resume bookkeeping and preemption at step boundaries."""
+        job_config = self.job_config
+        if self.checkpointer.load(step=job_config.checkpoint.load_step):
+            self.metrics_processor.resume_at(self.step)
+        logger.info(f"Training starts at step {self.step + 1}")
+        data_iterator = self.batch_generator(self.dataloader)
+        while self.should_continue_training():
+            self.step += 1
+            self.gc_handler.run(self.step)
+            try:
+                self.train_step(data_iterator)
+            except DataloaderExhaustedError:
+                logger.warning("Ran out of data; last step was canceled.")
+                break
+            # Every rank asks every step, so all stop after the same step.
+            if self.preemption.should_stop(device=self.device):
+                self._checkpoint_and_stop()
+            self.checkpointer.save(self.step, last_step=self.step == job_config.training.steps)
+            if job_config.validation.enable and self.validator.should_validate(self.step):
+                self.validator.validate(self.model_parts, self.step)
+            if self.step == 1:  # first step done: compile and lazy init are behind us
+                dist_utils.set_pg_timeouts(
+                    timeout=timedelta(seconds=job_config.comm.train_timeout_seconds), parallel_dims=self.parallel_dims
+                )
+
+    def _checkpoint_and_stop(self) -> None:
+        self.checkpointer.wait()  # an in-flight async save finishes first
+        if self.preemption.can_afford_save(self.checkpointer.last_save_seconds):
+            self.checkpointer.save_now(self.step)
+            logger.warning(f"preempted: final checkpoint at step {self.step} committed; exiting {PREEMPTED_EXIT_CODE}")
+        else:
+            logger.warning("preempted: no time left for a final checkpoint; the last committed one stands")
+        raise Preempted()
 
     def _layout_independent_init(self, job_config: Any) -> None:
         """Same initial weights for any DP/EP layout (the platform decides whether to act)."""
@@ -147,9 +206,11 @@ def run(argv: list[str]) -> int:
             trainer.checkpointer.save(curr_step=0, last_step=True)
         else:
             trainer.train()
+    except Preempted:
+        return PREEMPTED_EXIT_CODE
     finally:
         if trainer is not None:
-            trainer.close()
+            trainer.close()  # waits for an in-flight checkpoint
     return 0
 
 

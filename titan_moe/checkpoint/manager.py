@@ -68,6 +68,7 @@ class CheckpointManager:
         self.keep_latest_k = config.keep_latest_k
         self.async_mode = config.async_mode.lower()
         self.load_step = config.load_step
+        self.write_delay = getattr(config, "fault_injection_write_delay", 0.0)
         self.last_save_seconds = 0.0
         if self.enable:
             self._validate()
@@ -146,7 +147,7 @@ class CheckpointManager:
             )
             future, self._staging = response.upload_completion, response.staging_completion
         else:
-            future = dcp.async_save(states, storage_writer=writer, process_group=self.pg)
+            future = dcp.async_save(states, storage_writer=self._maybe_delayed(writer), process_group=self.pg)
 
         def on_done(f: Future) -> None:
             try:
@@ -160,6 +161,19 @@ class CheckpointManager:
         future.add_done_callback(on_done)
         self._in_flight = (step, future, committed)
         logger.info("checkpoint step-%d: staged in %.2fs, writing in the background", step, time.monotonic() - begin)
+
+    def _maybe_delayed(self, writer):
+        """Fault injection for tests: hold the background write so a kill lands mid-save."""
+        if self.write_delay <= 0:
+            return writer
+        write_data = writer.write_data
+
+        def delayed_write_data(plan, planner):
+            time.sleep(self.write_delay)
+            return write_data(plan, planner)
+
+        writer.write_data = delayed_write_data
+        return writer
 
     def _clear_stale(self, step: int, path: str) -> None:
         """Remove leftovers of an interrupted save of the same step before writing it again."""
