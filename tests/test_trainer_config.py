@@ -93,7 +93,7 @@ def test_launcher_dry_run_prints_torchrun_command(capsys):
     status = launch.main([config("tiny_moe"), "--nproc", "2", "--dry-run", "--training.steps", "7"])
     assert status == 0
     cmd = capsys.readouterr().out.strip()
-    assert "-m torch.distributed.run --standalone --nproc_per_node=2 --local-ranks-filter 0" in cmd
+    assert "-m torch.distributed.run --standalone --nproc_per_node=2 --max-restarts=0 --local-ranks-filter 0" in cmd
     assert cmd.endswith(f"-m titan_moe.train --job.config_file {config('tiny_moe')} --training.steps 7")
 
 
