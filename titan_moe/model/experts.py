@@ -77,7 +77,9 @@ def _experts_loop(w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
     counts = num_tokens_per_expert.tolist()
     used = sum(counts)
     chunks = torch.split(x[:used], counts, dim=0)
-    outs = [_swiglu(chunk, w1[e], w2[e], w3[e]) for e, chunk in enumerate(chunks)]
+    # unbind, not w[e]: each indexing op's backward would zero-fill a full [n, ...] gradient.
+    per_expert = zip(w1.unbind(0), w2.unbind(0), w3.unbind(0))
+    outs = [_swiglu(chunk, a, b, c) for chunk, (a, b, c) in zip(chunks, per_expert)]
     out = torch.cat(outs, dim=0) if outs else x[:0]
     if used < x.shape[0]:  # rows past the last group (padding from a dispatcher) produce zeros
         out = torch.cat([out, out.new_zeros(x.shape[0] - used, out.shape[-1])])
