@@ -11,50 +11,21 @@ expert-parallel-sharded; scoring runs in lock-step and gathers results).
 The model is put in eval mode and restored, and MoE load counters are left
 untouched, so the bias update after the next step sees only training tokens.
 
-`InLoopEval` is written without `from __future__ import annotations` so it
-can be merged into torchtitan's JobConfig as an `[eval]` section as is.
+The `[eval]` section itself (`InLoopEval`) belongs to the run config, so it
+lives in `titan_moe.job_config`; the trainer imports this module only when a
+run asks for in-loop eval.
 """
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 
 from eval.models import ModuleLogitsModel
 from eval.report import scalars
 from eval.suite import SuiteConfig, run_suite
 from eval.tokenizer import TextTokenizer
+from titan_moe.job_config import InLoopEval
 
-
-@dataclass
-class InLoopEval:
-    """The `[eval]` section of a run config."""
-
-    tasks: str = ""
-    """Suite to run, in `titan-moe eval --tasks` syntax, e.g. "paloma:c4_en+wikitext_103,boolq"; "" = off."""
-
-    freq: int = 0
-    """Run every `freq` training steps; 0 = off."""
-
-    data_root: str = ""
-    """Folder with the task data (as `titan-moe eval --data-root`)."""
-
-    tokenizer: str = ""
-    """tokenizer.json path or hub id used to encode prompts and documents."""
-
-    eos_id: int = -1
-    """End-of-text id; -1 = the tokenizer's."""
-
-    limit: int = 0
-    """First N questions / documents per subset (0 = all): keep in-loop evals short."""
-
-    shots: str = "0"
-    """Downstream few-shot settings, e.g. "0" or "0,5"."""
-
-    batch_tokens: int = 16384
-    """Tokens per forward pass (rows x padded length)."""
-
-    def enabled(self) -> bool:
-        return bool(self.tasks) and self.freq > 0
+__all__ = ["InLoopEval", "maybe_evaluate"]
 
 
 @functools.lru_cache(maxsize=4)

@@ -106,6 +106,38 @@ class Checkpoint:
 
 
 @dataclass
+class InLoopEval:
+    """The ``[eval]`` section: a suite scored every ``freq`` steps during training (see eval.inloop)."""
+
+    tasks: str = ""
+    """Suite to run, in `titan-moe eval --tasks` syntax, e.g. "paloma:c4_en+wikitext_103,boolq"; "" = off."""
+
+    freq: int = 0
+    """Run every `freq` training steps; 0 = off."""
+
+    data_root: str = ""
+    """Folder with the task data (as `titan-moe eval --data-root`)."""
+
+    tokenizer: str = ""
+    """tokenizer.json path or hub id used to encode prompts and documents."""
+
+    eos_id: int = -1
+    """End-of-text id; -1 = the tokenizer's."""
+
+    limit: int = 0
+    """First N questions / documents per subset (0 = all): keep in-loop evals short."""
+
+    shots: str = "0"
+    """Downstream few-shot settings, e.g. "0" or "0,5"."""
+
+    batch_tokens: int = 16384
+    """Tokens per forward pass (rows x padded length)."""
+
+    def enabled(self) -> bool:
+        return bool(self.tasks) and self.freq > 0
+
+
+@dataclass
 class JobConfig:
     arch: Arch = field(default_factory=Arch)
     moe: MoE = field(default_factory=MoE)
@@ -113,6 +145,7 @@ class JobConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     metrics: Metrics = field(default_factory=Metrics)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    eval: InLoopEval = field(default_factory=InLoopEval)
 
 
 def arch_section(job_config: Any) -> dict[str, Any]:

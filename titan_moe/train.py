@@ -95,10 +95,23 @@ class TitanMoETrainer(Trainer):
             self.checkpointer.save(self.step, last_step=self.step == job_config.training.steps)
             if job_config.validation.enable and self.validator.should_validate(self.step):
                 self.validator.validate(self.model_parts, self.step)
+            if job_config.eval.enabled() and self.step % job_config.eval.freq == 0:
+                self._evaluate_in_loop()
             if self.step == 1:  # first step done: compile and lazy init are behind us
                 dist_utils.set_pg_timeouts(
                     timeout=timedelta(seconds=job_config.comm.train_timeout_seconds), parallel_dims=self.parallel_dims
                 )
+
+    def _evaluate_in_loop(self) -> None:
+        """The run config's ``[eval]`` suite on the live (sharded) model, every rank in lock-step."""
+        # Imported here: the eval package sits downstream of training and only runs that
+        # ask for in-loop eval should depend on it.
+        from eval.inloop import maybe_evaluate
+
+        scalars = maybe_evaluate(self.job_config.eval, self.step, self.model_parts[0],
+                                 seq_len=self.job_config.training.seq_len, name=self.job_config.job.description)
+        if scalars:
+            self.metrics_processor.logger.log(scalars, self.step)
 
     def _checkpoint_and_stop(self) -> None:
         self.checkpointer.wait()  # an in-flight async save finishes first
