@@ -20,6 +20,7 @@ import torch
 
 from eval.models import ModuleLogitsModel
 from eval.tokenizer import TextTokenizer
+from titan_moe.checkpoint import catalog
 from titan_moe.errors import ConfigError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -90,21 +91,24 @@ class RunConfig:
 
 
 def resolve_step_dir(path: str | Path) -> tuple[Path, int]:
-    """A `step-N` directory as given, or the newest complete one inside a checkpoint folder."""
+    """A `step-N` directory as given, or the newest complete one inside a checkpoint folder.
+
+    "Complete" is the trainer's definition (titan_moe.checkpoint.catalog): a
+    COMMITTED marker whose file list matches what is on disk.
+    """
     path = Path(path)
     if not path.is_dir():
         raise ConfigError("--checkpoint", f"{path} is not a directory")
     match = STEP_DIR.match(path.name)
     if match:
-        if not (path / ".metadata").is_file():
-            raise ConfigError("--checkpoint", f"{path} has no .metadata: an incomplete or non-DCP checkpoint")
-        return path, int(match.group(1))
-    steps = sorted(
-        (int(m.group(1)), p) for p in path.iterdir() if (m := STEP_DIR.match(p.name)) and (p / ".metadata").is_file()
-    )
-    if not steps:
-        raise ConfigError("--checkpoint", f"{path} holds no complete step-N checkpoint (a directory with .metadata)")
-    return steps[-1][1], steps[-1][0]
+        info = catalog.inspect(str(path.parent), int(match.group(1)))
+        if not info.loadable:
+            raise ConfigError("--checkpoint", f"{path} cannot be loaded: {info.problem}")
+        return path, info.step
+    complete = [info for info in catalog.list_checkpoints(str(path)) if info.loadable]
+    if not complete:
+        raise ConfigError("--checkpoint", f"{path} holds no complete step-N checkpoint (one with a COMMITTED marker)")
+    return Path(complete[-1].path), complete[-1].step
 
 
 def _check_against_metadata(step_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:

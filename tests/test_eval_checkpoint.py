@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.eval_support import EVAL_DATA, TOKENIZER_JSON, require_shared_data
+from titan_moe.checkpoint import catalog
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TOML = """
@@ -78,6 +79,7 @@ def _save(model, step_dir: Path) -> None:
     # torchtitan's layout: model FQNs at the top level next to the other states.
     state = {**model.state_dict(), "train_state": {"step": torch.tensor(7)}, "lr_scheduler": {"last_epoch": 7}}
     dcp.save(state, checkpoint_id=str(step_dir))
+    catalog.commit(str(step_dir), step=int(step_dir.name.split("-")[1]))
 
 
 def test_newest_step_loads_exactly_and_cli_logs_to_tensorboard(tmp_path):
@@ -91,7 +93,7 @@ def test_newest_step_loads_exactly_and_cli_logs_to_tensorboard(tmp_path):
     older, newer = _model(run, seed=1), _model(run, seed=2)
     _save(older, tmp_path / "out" / "checkpoint" / "step-3")
     _save(newer, tmp_path / "out" / "checkpoint" / "step-7")
-    (tmp_path / "out" / "checkpoint" / "step-9").mkdir()  # no .metadata: an unfinished save, ignored
+    (tmp_path / "out" / "checkpoint" / "step-9").mkdir()  # no COMMITTED marker: an unfinished save, ignored
 
     lm, tok, info = load_checkpoint_model(None, run)
     assert (lm.step, lm.max_seq_len, lm.eos_id) == (7, 32, 50279)
@@ -165,6 +167,7 @@ def test_checkpoint_saved_by_two_fsdp_ranks_loads_on_one(tmp_path):
         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    catalog.commit(str(step_dir), step=11, world_size=2)
     lm, _, _ = load_checkpoint_model(step_dir, run)
     reference = _model(run, seed=5)
     assert lm.step == 11

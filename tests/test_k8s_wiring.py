@@ -160,10 +160,10 @@ def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
 
 
 def committed_steps(folder: Path) -> list[int]:
-    """Checkpoint steps that a resume may load: DCP's .metadata is written last (or our COMMITTED marker)."""
-    dirs = [d for d in folder.glob("step-*") if d.is_dir()]
-    marker = "COMMITTED" if any((d / "COMMITTED").exists() for d in dirs) else ".metadata"
-    return sorted(int(d.name.split("-")[1]) for d in dirs if (d / marker).exists())
+    """Checkpoint steps that a resume may load (the trainer's own definition)."""
+    from titan_moe.checkpoint import catalog
+
+    return [info.step for info in catalog.list_checkpoints(str(folder)) if info.loadable]
 
 
 def metric_steps(path: Path) -> list[dict]:

@@ -11,9 +11,10 @@ last, is what makes a checkpoint visible.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
-from titan_moe.checkpoint import storage
+from titan_moe import storage
 
 MARKER = "COMMITTED"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -35,6 +36,19 @@ class CheckpointInfo:
 
 def step_path(folder: str, step: int) -> str:
     return storage.join(folder, f"step-{step}")
+
+
+def commit(path: str, step: int, world_size: int = 1, seconds: float = 0.0) -> int:
+    """Write ``path``'s COMMITTED marker listing every file and its size; returns the file count.
+
+    Call once, on one process, after every rank finished writing ``path``.
+    """
+    files = storage.file_sizes(path)
+    files.pop(MARKER, None)
+    storage.write_json(storage.join(path, MARKER), {
+        "step": step, "saved_at": time.time(), "seconds": round(seconds, 3), "world_size": world_size, "files": files,
+    })
+    return len(files)
 
 
 def inspect(folder: str, step: int) -> CheckpointInfo:

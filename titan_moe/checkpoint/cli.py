@@ -16,7 +16,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-from titan_moe.checkpoint import catalog, storage
+from titan_moe import storage
+from titan_moe.checkpoint import catalog
 
 # Top-level entries of a training checkpoint that are not model weights.
 NON_MODEL_PREFIXES = ("optimizer.", "lr_scheduler.", "dataloader.", "train_state.", "rng.")

@@ -31,7 +31,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torchtitan.components.checkpoint import ModelWrapper
 
-from titan_moe.checkpoint import catalog, storage
+from titan_moe import storage
+from titan_moe.checkpoint import catalog
 from titan_moe.checkpoint.rng import RNGState
 from titan_moe.errors import ConfigError
 
@@ -189,13 +190,9 @@ class CheckpointManager:
         self.last_save_seconds = seconds
         if _rank() != 0:
             return
-        files = storage.file_sizes(path)
-        files.pop(catalog.MARKER, None)
-        storage.write_json(storage.join(path, catalog.MARKER), {
-            "step": step, "saved_at": time.time(), "seconds": round(seconds, 3),
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1, "files": files,
-        })
-        logger.info("checkpoint step-%d committed (%.2fs, %d files)", step, seconds, len(files))
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        n_files = catalog.commit(path, step, world_size, seconds)
+        logger.info("checkpoint step-%d committed (%.2fs, %d files)", step, seconds, n_files)
         self._purge()
 
     def _purge(self) -> None:

@@ -18,12 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 
-import fsspec
-from fsspec.core import url_to_fs
 
+from titan_moe import storage
 from titan_moe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -32,35 +30,6 @@ FORMAT = "titan-moe-mds/1"
 TOKEN_DTYPES = ("uint16", "uint32")
 # Preferred shard checksums, fastest first, when validate_hash = "auto".
 HASH_PREFERENCE = ("xxh64", "xxh3_64", "sha1", "md5")
-
-
-def is_remote(url: str) -> bool:
-    return fsspec.utils.get_protocol(url) not in ("file", "local")
-
-
-def join(url: str, *parts: str) -> str:
-    """Join with '/', which object stores use whatever the OS."""
-    out = url.rstrip("/")
-    for part in parts:
-        out = f"{out}/{part.strip('/')}"
-    return out
-
-
-def read_bytes(url: str) -> bytes:
-    """A whole small object (a manifest or index) from a local path or an fsspec URL.
-
-    ``S3_ENDPOINT_URL`` points s3fs at non-AWS stores, the same variable
-    MosaicML streaming's S3 downloader honours for the shards.
-    """
-    if not is_remote(url):
-        with open(url.removeprefix("file://"), "rb") as f:
-            return f.read()
-    options: dict = {}
-    if fsspec.utils.get_protocol(url) in ("s3", "s3a") and os.environ.get("S3_ENDPOINT_URL"):
-        options["client_kwargs"] = {"endpoint_url": os.environ["S3_ENDPOINT_URL"]}
-    fs, path = url_to_fs(url, **options)
-    with fs.open(path, "rb") as f:
-        return f.read()
 
 
 @dataclass(frozen=True)
@@ -113,9 +82,9 @@ def read_prep_output(root: str, *, field: str, seq_len: int, sources: list[str] 
     ``data.validation_root``); ``seq_len`` is ``[training].seq_len``, which must
     equal the streams'; ``sources_field`` is the key that named ``sources``.
     """
-    manifest_url = join(root, "manifest.json")
+    manifest_url = storage.join(root, "manifest.json")
     try:
-        raw = read_bytes(manifest_url)
+        raw = storage.read_bytes(manifest_url)
     except FileNotFoundError:
         raise ConfigError(field, f"{manifest_url} does not exist; point {field} at the output of `titan-moe prep`") from None
     except OSError as exc:
@@ -181,11 +150,11 @@ def read_prep_output(root: str, *, field: str, seq_len: int, sources: list[str] 
 
 
 def _read_stream(root: str, name: str, entry: dict, *, seq_len: int, dtype: str, field: str) -> StreamInfo:
-    url = join(root, name)
-    index_url = join(url, "index.json")
+    url = storage.join(root, name)
+    index_url = storage.join(url, "index.json")
     sequences = int(entry["sequences"])
     try:
-        index_raw = read_bytes(index_url)
+        index_raw = storage.read_bytes(index_url)
         index = json.loads(index_raw)
     except FileNotFoundError:
         raise ConfigError(

@@ -1,7 +1,8 @@
 """Paths that may be local directories or object-store URLs (``s3://...``).
 
-Non-AWS stores are reached through ``S3_ENDPOINT_URL`` (the MosaicML Streaming
-convention) plus the usual AWS credential variables.
+Shared by the trainer's data loader and checkpoints.  Non-AWS stores are
+reached through ``S3_ENDPOINT_URL`` (the variable MosaicML Streaming's S3
+downloader honours for shards) plus the usual AWS credential variables.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import fsspec
 
 
 def is_url(path: str) -> bool:
-    return "://" in path
+    """An object-store or other fsspec URL, as opposed to a local path (``file://`` counts as local)."""
+    return "://" in path and fsspec.utils.get_protocol(path) not in ("file", "local")
 
 
 def storage_options(path: str) -> dict[str, Any]:
     """fsspec options for ``path``: the S3 endpoint for s3 URLs, nothing otherwise."""
-    if path.startswith("s3://") and os.environ.get("S3_ENDPOINT_URL"):
+    if fsspec.utils.get_protocol(path) in ("s3", "s3a") and os.environ.get("S3_ENDPOINT_URL"):
         return {"client_kwargs": {"endpoint_url": os.environ["S3_ENDPOINT_URL"]}}
     return {}
 
@@ -33,6 +35,16 @@ def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts) if is_url(base) else os.path.join(base, *parts)
+
+
+def read_bytes(path: str) -> bytes:
+    """A whole small object (a manifest, an index) from a local path or a URL."""
+    if not is_url(path):
+        with open(path.removeprefix("file://"), "rb") as f:
+            return f.read()
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
+        return f.read()
 
 
 def write_json(path: str, obj: Any) -> None:
