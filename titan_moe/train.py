@@ -101,6 +101,9 @@ class TitanMoETrainer(Trainer):
                 dist_utils.set_pg_timeouts(
                     timeout=timedelta(seconds=job_config.comm.train_timeout_seconds), parallel_dims=self.parallel_dims
                 )
+        # Leave together: a rank that tears down its process groups while a peer is still
+        # in its last collective aborts the peer (torchtitan hides this with a 2 s sleep).
+        _barrier()
 
     def _evaluate_in_loop(self) -> None:
         """The run config's ``[eval]`` suite on the live (sharded) model, every rank in lock-step."""
@@ -120,6 +123,7 @@ class TitanMoETrainer(Trainer):
             logger.warning(f"preempted: final checkpoint at step {self.step} committed; exiting {PREEMPTED_EXIT_CODE}")
         else:
             logger.warning("preempted: no time left for a final checkpoint; the last committed one stands")
+        _barrier()
         raise Preempted()
 
     def _layout_independent_init(self, job_config: Any) -> None:
@@ -186,6 +190,11 @@ class TitanMoETrainer(Trainer):
             biases = {name: stats["expert_bias"] for name, stats in model.moe_stats().items()}
             out |= load_metrics(self.balancer.last_global_load, biases, self.run_args.moe.bias_update_rate > 0)
         return out
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _single_process_env() -> None:
