@@ -72,6 +72,8 @@ class MoE:
     routing: str = "dropless"
     """"dropless" or "capacity"."""
     capacity_factor: float = 1.25
+    capacity_policy: str = "priority"
+    """"priority" (highest-probability slots kept) or "megablocks" (token order, EP-group capacity)."""
     renormalize: bool = False
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.001

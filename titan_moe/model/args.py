@@ -26,6 +26,7 @@ from titan_moe.errors import ConfigError
 
 VOCAB_PAD_MULTIPLE = 128
 ROUTING_MODES = ("dropless", "capacity")
+CAPACITY_POLICIES = ("priority", "megablocks")
 EXPERT_IMPLS = ("auto", "grouped", "loop")
 
 
@@ -88,6 +89,10 @@ class MoEArgs:
     require_flop_match: bool = False
     routing: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = 1.25
+    # Which slots a full expert drops under routing = "capacity": "priority" keeps the
+    # highest-probability slots of the local batch; "megablocks" keeps slots in token
+    # order with capacity computed over the expert-parallel group (the papers' baseline).
+    capacity_policy: Literal["priority", "megablocks"] = "priority"
     # Keep the selected router probabilities as they are (OLMoE) or rescale them to sum to 1.
     renormalize: bool = False
     aux_loss_weight: float = 0.01
@@ -251,6 +256,10 @@ def _validate_moe(args: TitanMoEModelArgs) -> None:
     args.generalist_hidden_dim()
     if moe.routing not in ROUTING_MODES:
         raise ConfigError("moe.routing", f"unknown routing {moe.routing!r}; choose one of {', '.join(ROUTING_MODES)}")
+    if moe.capacity_policy not in CAPACITY_POLICIES:
+        raise ConfigError(
+            "moe.capacity_policy", f"unknown {moe.capacity_policy!r}; choose one of {', '.join(CAPACITY_POLICIES)}"
+        )
     if moe.expert_impl not in EXPERT_IMPLS:
         raise ConfigError("moe.expert_impl", f"unknown {moe.expert_impl!r}; choose one of {', '.join(EXPERT_IMPLS)}")
     if not moe.capacity_factor > 0:
