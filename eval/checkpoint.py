@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,65 +22,64 @@ from eval.models import ModuleLogitsModel
 from eval.tokenizer import TextTokenizer
 from titan_moe.checkpoint import catalog
 from titan_moe.errors import ConfigError
+from titan_moe.job_config import MODEL_NAME, load_run_config
+from titan_moe.model.args import TitanMoEModelArgs
+from titan_moe.model.transformer import Transformer
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
-class RunConfig:
-    """The parts of a run TOML eval reads."""
+class TrainedRunConfig:
+    """The run config a checkpoint was trained with, read by the trainer's own reader.
+
+    ``job`` is what ``titan_moe.job_config.load_run_config`` returns for the same
+    TOML and overrides, so eval sees the trainer's defaults (TensorBoard is off
+    unless ``[metrics].enable_tensorboard`` says otherwise, as in torchtitan).
+    """
 
     path: Path
-    doc: dict
+    job: Any
 
     @classmethod
-    def load(cls, path: str | Path) -> RunConfig:
+    def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainedRunConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError("--config", f"{path} does not exist")
-        with open(path, "rb") as f:
-            return cls(path, tomllib.load(f))
+        job = load_run_config(path, overrides)
+        if job.model.name != MODEL_NAME:
+            raise ConfigError("model.name", f"{path} has model.name = {job.model.name!r}, not {MODEL_NAME!r}; "
+                              "is it a titan-moe run config?")
+        return cls(path, job)
 
-    def section(self, name: str) -> dict:
-        return dict(self.doc.get(name, {}))
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.section("training").get("seq_len", 2048))
-
-    def model_args(self):
-        from titan_moe.model.args import TitanMoEModelArgs
-
-        if "arch" not in self.doc:
-            raise ConfigError("arch", f"{self.path} has no [arch] section; is it a titan-moe run config?")
-        return TitanMoEModelArgs.from_sections(self.doc["arch"], self.doc.get("moe"), self.seq_len)
+    def model_args(self) -> TitanMoEModelArgs:
+        return TitanMoEModelArgs.from_job_config(self.job)
 
     @property
     def dump_folder(self) -> Path:
-        return Path(self.section("job").get("dump_folder", "./outputs"))
+        return Path(self.job.job.dump_folder)
 
     @property
     def checkpoint_folder(self) -> Path:
-        return self.dump_folder / self.section("checkpoint").get("folder", "checkpoint")
+        return self.dump_folder / self.job.checkpoint.folder
 
     @property
     def tensorboard_dir(self) -> Path | None:
-        metrics = self.section("metrics")
-        if not metrics.get("enable_tensorboard", True):
+        if not self.job.metrics.enable_tensorboard:
             return None
         # A sibling of the trainer's timestamped runs, so both show in one TensorBoard.
-        return self.dump_folder / metrics.get("save_tb_folder", "tb") / "eval"
+        return self.dump_folder / self.job.metrics.save_tb_folder / "eval"
 
     def _prep_manifest(self) -> dict:
         """The mixture manifest `titan-moe prep` wrote at [data].root (local roots only)."""
-        root = self.section("data").get("root")
+        root = self.job.data.root
         if root and "://" not in str(root) and (Path(root) / "manifest.json").is_file():
             return json.loads((Path(root) / "manifest.json").read_text())
         return {}
 
     def tokenizer_path(self) -> str | None:
         """[model].hf_assets_path/tokenizer.json, else the tokenizer the training data was prepped with."""
-        assets = self.section("model").get("hf_assets_path")
+        assets = self.job.model.hf_assets_path
         if assets and (Path(assets) / "tokenizer.json").is_file():
             return str(Path(assets) / "tokenizer.json")
         return self._prep_manifest().get("tokenizer") or None
@@ -152,15 +151,15 @@ def load_checkpoint_model(
     dtype: torch.dtype | None = None,
     tokenizer: str | None = None,
     eos_id: int | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> tuple[ModuleLogitsModel, TextTokenizer, dict]:
     """(model, tokenizer, source info) for a titan-moe checkpoint.
 
     `checkpoint` may be a step-N directory or the checkpoint folder (newest
     step taken); None means the run config's own `<dump_folder>/<checkpoint.folder>`.
+    `overrides` are `--section.key value` pairs applied to the run config, as for train.
     """
-    from titan_moe.model.transformer import Transformer
-
-    run = RunConfig.load(config)
+    run = TrainedRunConfig.load(config, overrides)
     args = run.model_args()
     step_dir, step = resolve_step_dir(checkpoint if checkpoint is not None else run.checkpoint_folder)
     device = torch.device(device)
@@ -185,7 +184,8 @@ def load_checkpoint_model(
     tok = TextTokenizer.load(tok_source, eos_id=eos_id if eos_id is not None else run.eos_id())
     if tok.vocab_size > args.padded_vocab_size:
         raise ConfigError("--tokenizer", f"tokenizer has {tok.vocab_size} ids, the model only {args.padded_vocab_size}")
-    name = run.section("job").get("description") or run.path.stem
+    unnamed = run.job.job.description == type(run.job.job)().description  # torchtitan's "default job"
+    name = run.path.stem if unnamed else run.job.job.description
     lm = ModuleLogitsModel(model, max_seq_len=args.max_seq_len, eos_id=tok.eos_id, name=name, step=step, device=device)
     info = {"kind": "titan-moe", "checkpoint": str(step_dir), "config": str(run.path), "tokenizer": tok.source,
             "tensorboard_dir": str(run.tensorboard_dir) if run.tensorboard_dir else None}  # fmt: skip

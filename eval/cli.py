@@ -5,7 +5,8 @@
     titan-moe eval --hf-model ./OLMoE-1B-7B --tasks mmlu:stem,boolq --data-root data/eval
 
 `--nproc N` re-launches itself under torchrun with N processes (results are
-identical to one process).  The markdown table goes to stdout; the JSON to
+identical to one process).  `--section.key value` pairs (mixed in, or after
+`--`) override the run config exactly as for `titan-moe train`.  The markdown table goes to stdout; the JSON to
 --out (or to stdout when --out is absent); scalars go to the run's
 TensorBoard at the checkpoint's step.
 """
@@ -18,8 +19,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+from titan_moe import job_config
 from titan_moe.errors import ConfigError
+from titan_moe.infra.torchrun import torchrun_command, torchrun_env
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
 
@@ -86,28 +90,38 @@ def _relaunch_with_torchrun(argv: list[str], nproc: int) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             child_argv.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "eval.cli", *child_argv]  # fmt: skip
-    env = dict(os.environ, TITAN_EVAL_CHILD="1")
-    return subprocess.call(cmd, env=env)
+    cmd = torchrun_command("eval.cli", child_argv, nproc, rank0_output_only=False)
+    return subprocess.call(cmd, env=torchrun_env(nproc, TITAN_EVAL_CHILD="1"))
+
+
+def read_config(argv: list[str]) -> Any:
+    """The run config `titan-moe eval ARGV` rebuilds the checkpoint's model from."""
+    from eval.checkpoint import TrainedRunConfig
+
+    args, overrides = job_config.parse_command_line(build_parser(), argv)
+    if not args.config:
+        raise ConfigError("--config", "no run config given")
+    return TrainedRunConfig.load(args.config, overrides).job
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
     try:
-        return _run(args, argv)
+        args, overrides = job_config.parse_command_line(build_parser(), argv)
+        return _run(args, overrides, argv)
     except ConfigError as exc:
         print(f"titan-moe eval: {exc}", file=sys.stderr)
         return 2
 
 
-def _run(args, argv: list[str]) -> int:
+def _run(args, overrides: list[str], argv: list[str]) -> int:
     # Validate everything cheap before loading a model or starting processes.
     if bool(args.hf_model) == bool(args.checkpoint or args.config):
         raise ConfigError("--checkpoint/--config/--hf-model", "give either --hf-model DIR or --config RUN.toml [--checkpoint DIR]")
     if args.checkpoint and not args.config:
         raise ConfigError("--config", "a titan-moe checkpoint needs the run config it was trained with")
+    if overrides and not args.config:
+        raise ConfigError(overrides[0], "run-config overrides need --config RUN.toml")
     from eval.tasks import parse_tasks
 
     specs = parse_tasks(args.tasks)
@@ -150,7 +164,8 @@ def _run(args, argv: list[str]) -> int:
             from eval.checkpoint import load_checkpoint_model
 
             model, tokenizer, source = load_checkpoint_model(
-                args.checkpoint, args.config, device=device, dtype=dtype, tokenizer=args.tokenizer, eos_id=args.eos_id
+                args.checkpoint, args.config, device=device, dtype=dtype, tokenizer=args.tokenizer,
+                eos_id=args.eos_id, overrides=overrides,
             )
             if args.max_seq_len:
                 model.max_seq_len = args.max_seq_len

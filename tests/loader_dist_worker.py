@@ -23,7 +23,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":
     # torchtitan on CPU (the trainer's own adapter); must precede any torchtitan import.
-    from titan_moe import platform
+    from titan_moe.infra import platform
 
     platform.activate()
 

@@ -16,11 +16,14 @@ on CPU).  Not a test: the numbers depend on the machine.
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from titan_moe import job_config
+from titan_moe.infra.torchrun import torchrun_command, torchrun_env
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 METRICS = {"tokens/s per device": "throughput(tps)", "MFU %": "mfu(%)", "TFLOP/s per device": "tflops"}
@@ -51,12 +54,8 @@ def run_one(module: str, config: Path, nproc: int, steps: int, folder: Path, ext
     metrics_file = folder / "metrics.jsonl"
     if metrics_file.exists():
         metrics_file.unlink()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "--local-ranks-filter", "0", "-m", module, "--job.config_file", str(config),
-           "--training.steps", str(steps), "--metrics.log_freq", "1", "--metrics.no-enable-tensorboard",
-           "--checkpoint.no-enable", "--job.dump_folder", str(folder), *extra]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = torchrun_command(module, ["--job.config_file", str(config), *bench_overrides(steps, folder), *extra], nproc)
+    env = torchrun_env(nproc)
     print(f"[bench] {module}: {' '.join(cmd[2:])}", flush=True)
     with open(folder / "train.log", "w") as log:
         proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -64,6 +63,12 @@ def run_one(module: str, config: Path, nproc: int, steps: int, folder: Path, ext
         tail = (folder / "train.log").read_text()[-3000:]
         raise RuntimeError(f"{module} failed (exit {proc.returncode}); log {folder / 'train.log'}:\n{tail}")
     return summarize(metrics_file, warmup=min(2, steps - 1))
+
+
+def bench_overrides(steps: int, folder: Path) -> list[str]:
+    """What bench sets on top of the run config (the user's own overrides come after and win)."""
+    return ["--training.steps", str(steps), "--metrics.log_freq", "1", "--metrics.no-enable-tensorboard",
+            "--checkpoint.no-enable", "--job.dump_folder", str(folder)]
 
 
 def format_table(ours: dict[str, float], base: dict[str, float]) -> str:
@@ -75,19 +80,44 @@ def format_table(ours: dict[str, float], base: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def build_parser(gpu: bool, gpus: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="titan-moe bench", description=__doc__.split("\n\n")[0],
+                                     epilog="Other --section.key value pairs (or after --) override the run config.")
+    parser.add_argument("config", nargs="?", default="bench_olmoe_1b7b" if gpu else "bench_cpu_small",
+                        help="run config path or name under jobs/configs/")
+    parser.add_argument("--nproc", type=int, default=gpus if gpu else 1)
+    parser.add_argument("--steps", type=int, default=10 if gpu else 6, help="steps per run (the first 2 are warm-up)")
+    parser.add_argument("--out", default=None, help="output folder (default ./outputs/bench/CONFIG)")
+    return parser
+
+
+def read_command_line(argv: list[str], gpu: bool, gpus: int):
+    """(options, config path, output folder, user overrides, the parsed run config of the titan_moe run)."""
+    args, extra = job_config.parse_command_line(build_parser(gpu, gpus), argv)
+    config = resolve_config(args.config)
+    out = Path(args.out or Path("outputs") / "bench" / config.stem)
+    run = job_config.load_run_config(config, [*bench_overrides(args.steps, out / "titan_moe"), *extra])
+    return args, config, out, extra, run
+
+
+def read_config(argv: list[str], gpu: bool = False, gpus: int = 0) -> Any:
+    """The run config each of bench's two runs trains (what their ranks parse)."""
+    return read_command_line(argv, gpu, gpus)[-1]
+
+
 def main(argv: list[str]) -> int:
     import torch
 
+    from titan_moe.errors import ConfigError
+    from titan_moe.preflight import check_run
+
     gpu = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="titan-moe bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", nargs="?", default="bench_olmoe_1b7b" if gpu else "bench_cpu_small",
-                        help="run config path or name under jobs/configs/")
-    parser.add_argument("--nproc", type=int, default=torch.cuda.device_count() if gpu else 1)
-    parser.add_argument("--steps", type=int, default=10 if gpu else 6, help="steps per run (the first 2 are warm-up)")
-    parser.add_argument("--out", default=None, help="output folder (default ./outputs/bench/CONFIG)")
-    args, extra = parser.parse_known_args(argv)
-    config = resolve_config(args.config)
-    out = Path(args.out or Path("outputs") / "bench" / config.stem)
+    try:  # the same checks as `titan-moe train`, before two runs are started
+        args, config, out, extra, run = read_command_line(argv, gpu, torch.cuda.device_count())
+        check_run(run, args.nproc)
+    except ConfigError as exc:
+        print(f"titan-moe bench: invalid run config: {exc}", file=sys.stderr)
+        return 2
 
     ours = run_one("titan_moe.train", config, args.nproc, args.steps, out / "titan_moe", extra)
     base = run_one("titan_moe.bench_baseline", config, args.nproc, args.steps, out / "baseline", extra)

@@ -15,7 +15,7 @@ parallelisation is shared, so the comparison is the model itself:
   metrics: the same processor (tokens/s, MFU, ``metrics.jsonl``).
 """
 
-from titan_moe import platform
+from titan_moe.infra import platform
 
 platform.activate()
 platform.adapt_torchtitan_moe()

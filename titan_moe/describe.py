@@ -1,4 +1,8 @@
-"""``titan-moe describe CONFIG.toml [--json]``: what a run config builds."""
+"""``titan-moe describe RUN.toml [--json] [--] [--section.key value ...]``: what a run config builds.
+
+The config is read exactly as ``titan-moe train`` reads it (``titan_moe.job_config``),
+overrides included, so describe shows the model a train command would build.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,11 @@ import argparse
 import json
 import sys
 
+from typing import Any
+
 from titan_moe.errors import ConfigError
+from titan_moe import job_config
+from titan_moe.job_config import load_run_config
 from titan_moe.model.accounting import describe
 from titan_moe.model.args import TitanMoEModelArgs
 
@@ -40,15 +48,33 @@ def format_description(d: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="titan-moe describe", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="titan-moe describe", description=__doc__.split("\n\n")[0],
+                                     epilog="Other --section.key value pairs override the run config, as for train.")
     parser.add_argument("config", help="run config TOML with [arch] and [moe] sections")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    return job_config.parse_command_line(build_parser(), argv)
+
+
+def read_config(argv: list[str]) -> Any:
+    """The run config ``titan-moe describe ARGV`` describes."""
+    args, overrides = parse_command_line(argv)
+    return load_run_config(args.config, overrides)
+
+
+def main(argv: list[str]) -> int:
+    args = None
     try:
-        model_args = TitanMoEModelArgs.from_toml(args.config)
+        args, overrides = parse_command_line(argv)
+        run = load_run_config(args.config, overrides)
+        model_args = TitanMoEModelArgs.from_job_config(run)
     except ConfigError as exc:
-        print(f"titan-moe describe: invalid config {args.config}: {exc}", file=sys.stderr)
+        where = f" {args.config}" if args is not None else ""
+        print(f"titan-moe describe: invalid config{where}: {exc}", file=sys.stderr)
         return 2
     d = describe(model_args)
     print(json.dumps(d, indent=2) if args.json else format_description(d))

@@ -1,27 +1,50 @@
-"""titan-moe's sections of a torchtitan 0.2.2 run config (the custom config module).
+"""The run config: titan-moe's typed sections and the one reader of a run TOML.
 
-A run config is one torchtitan TOML file plus these sections::
+A run config is one torchtitan 0.2.2 TOML file plus these sections, each a
+dataclass defined here once (its field defaults are *the* defaults)::
 
-    [arch]       decoder shape            -> TitanMoEModelArgs
-    [moe]        MoE design point         -> MoEArgs (enabled = false: dense)
-    [data]       MDS mixture              -> titan_moe.data.config.DataConfig
-    [synthetic]  toy token stream         (when [training].dataset = "synthetic")
-    [metrics]    + peak_tflops, jsonl     (merged into torchtitan's [metrics])
+    [arch]       decoder shape            ArchConfig      -> model.args.TitanMoEModelArgs (a subclass)
+    [moe]        MoE design point         MoEConfig       -> model.args.MoEArgs (a subclass)
+    [data]       MDS mixture              data.config.DataConfig
+    [synthetic]  toy token stream         data.synthetic.SyntheticConfig
+    [eval]       in-loop eval suite       InLoopEvalConfig
+    [training]   + dataset default        TrainingExtras  (merged into torchtitan's [training])
+    [metrics]    + peak_tflops, jsonl     MetricsExtras   (merged into torchtitan's [metrics])
+    [checkpoint] + preemption settings    CheckpointExtras (merged into torchtitan's [checkpoint])
 
-torchtitan merges this ``JobConfig`` into its own when the module is named by
-``[job].custom_config_module`` / ``--job.custom_config_module`` (or the older
-``--experimental.custom_args_module``); ``titan_moe.train`` always merges it,
-so run configs need not say so.  Every field can be overridden on the command
-line as ``--section.key value`` (expert sets as ``--moe.expert_sets.0.top_k 2``).
+Reading (OLMo-core's ``Config.from_file(path, *overrides)`` shape, on torchtitan's
+``ConfigManager``)::
 
-The field defaults mirror ``TitanMoEModelArgs``/``MoEArgs``; the model package
-does the validation (``TitanMoEModelArgs.from_sections``).
+    job = load_run_config("run.toml", ["--moe.expert_sets.0.top_k", "2"])
+
+is the only way a command turns a run TOML into a config: ``titan-moe train``
+(and ``python -m titan_moe.train`` on every rank), ``describe``, ``eval``,
+``bench``, ``k8s render`` and the sweep planner's checks all call it, with the
+same ``--section.key value`` overrides (after the usual ``--`` or mixed in with
+the command's own flags, see ``split_overrides``).  torchtitan merges this
+module's ``JobConfig`` into its own (``[job].custom_config_module =
+"titan_moe.job_config"`` names it for plain torchtitan; ``RunConfigManager``
+always merges it).  Unknown keys anywhere fail naming the key
+(``moe.top_k_typo: unknown key; valid keys: ...``); design-point validation is
+the model's (``TitanMoEModelArgs.validate``) and launch checks are
+``titan_moe.preflight.check_run``.
+
+Adding a field is a one-place change: add it, with its default and a
+docstring, to the section's dataclass below.  The TOML key, the
+``--section.key`` override, every command, and (for ``[arch]``/``[moe]``) the
+model args, which subclass these dataclasses, pick it up.  Validate it in
+``TitanMoEModelArgs.validate`` (model fields) or ``preflight.check_run``.
 """
 
 # No ``from __future__ import annotations``: torchtitan's ConfigManager inspects
 # field types at runtime (dataclasses.is_dataclass(field.type)) to merge sections.
+import argparse
+import contextlib
+import functools
+import io
+import os
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from torchtitan.config import ConfigManager
@@ -29,10 +52,16 @@ from torchtitan.config import JobConfig as TorchTitanJobConfig
 
 from titan_moe.data.config import DataConfig
 from titan_moe.data.synthetic import SyntheticConfig
+from titan_moe.errors import ConfigError
+
+MODEL_NAME = "titan_moe"
+"""``[model].name`` of every titan-moe run config."""
+DATASETS = ("synthetic", "mds")
+"""The ``[training].dataset`` values titan-moe trains on."""
 
 
 @dataclass
-class Arch:
+class ArchConfig:
     """The ``[arch]`` section: an OLMoE-like decoder's shape (see titan_moe.model.args)."""
 
     dim: int = 256
@@ -45,36 +74,50 @@ class Arch:
     ffn_hidden: int = 1024
     """Dense SwiGLU hidden size d_ff; an expert of granularity g has g * d_ff."""
     vocab_size: int = 50280
+    """Padded up to a multiple of 128 inside the model."""
     qk_norm: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
 
 @dataclass
-class ExpertSet:
-    """One ``(n, g, k)`` expert set: n experts of granularity g, top-k routing."""
+class ExpertSetConfig:
+    """One ``(n, g, k)`` expert set of ``[moe].expert_sets``: n experts of granularity g, top-k routing.
+
+    ``num_experts`` and ``top_k`` must be written (``EXPERT_SET_REQUIRED``); the
+    defaults below only let torchtitan's CLI parser build an empty instance."""
 
     num_experts: int = 8
     granularity: str = "1"
-    """A fraction of ffn_hidden, written "1/8", "0.125" or "1"."""
+    """A fraction of ffn_hidden, written "1/8", "0.125" (or the TOML number 0.125) or "1"."""
     top_k: int = 1
 
 
+EXPERT_SET_REQUIRED = ("num_experts", "top_k")
+
+
 @dataclass
-class MoE:
-    """The ``[moe]`` section: the MoE design point (see titan_moe.model.args.MoEArgs)."""
+class MoEConfig:
+    """The ``[moe]`` section: the MoE design point (validated by titan_moe.model.args)."""
 
     enabled: bool = False
-    expert_sets: list[ExpertSet] = field(default_factory=list)
+    """False builds the dense baseline of the same [arch]."""
+    expert_sets: list[ExpertSetConfig] = field(default_factory=list)
+    """Expert sets whose outputs add: [{num_experts = 64, granularity = "1/8", top_k = 8}]."""
     generalist_granularity: str = "0"
-    """Granularity of the always-active generalist expert; "0" for none."""
+    """Granularity of the always-active generalist (shared) expert; "0" for none."""
     require_flop_match: bool = False
+    """Refuse designs with sum_i top_k_i * granularity_i + generalist_granularity != 1."""
     routing: str = "dropless"
     """"dropless" or "capacity"."""
     capacity_factor: float = 1.25
+    """Under routing = "capacity": slots per expert = ceil(capacity_factor * tokens * k / n)."""
     capacity_policy: str = "priority"
-    """"priority" (highest-probability slots kept) or "megablocks" (token order, EP-group capacity)."""
+    """Which slots a full expert drops under routing = "capacity": "priority" keeps the
+    highest-probability slots of the local batch; "megablocks" keeps slots in token order
+    with capacity computed over the expert-parallel group (the papers' baseline)."""
     renormalize: bool = False
+    """Rescale the selected router probabilities to sum to 1 (OLMoE keeps them raw)."""
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
     bias_update_rate: float = 0.0
@@ -84,7 +127,16 @@ class MoE:
 
 
 @dataclass
-class Metrics:
+class TrainingExtras:
+    """``[training]`` keys titan-moe changes, merged into torchtitan's section."""
+
+    dataset: str = ""
+    """"synthetic" or "mds"; unset means "mds" when [data].root is set (torchtitan's own
+    default, "c4_test", is a torchtitan dataset titan-moe does not train on)."""
+
+
+@dataclass
+class MetricsExtras:
     """Extra ``[metrics]`` keys, merged into torchtitan's section."""
 
     peak_tflops: float = 0.0
@@ -95,7 +147,7 @@ class Metrics:
 
 
 @dataclass
-class Checkpoint:
+class CheckpointExtras:
     """Extra ``[checkpoint]`` keys, merged into torchtitan's section (see titan_moe.checkpoint)."""
 
     preemption_grace_seconds: float = 25.0
@@ -108,7 +160,7 @@ class Checkpoint:
 
 
 @dataclass
-class InLoopEval:
+class InLoopEvalConfig:
     """The ``[eval]`` section: a suite scored every ``freq`` steps during training (see eval.inloop)."""
 
     tasks: str = ""
@@ -141,53 +193,154 @@ class InLoopEval:
 
 @dataclass
 class JobConfig:
-    arch: Arch = field(default_factory=Arch)
-    moe: MoE = field(default_factory=MoE)
+    """titan-moe's sections; torchtitan's ConfigManager merges them into its JobConfig."""
+
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    metrics: Metrics = field(default_factory=Metrics)
-    checkpoint: Checkpoint = field(default_factory=Checkpoint)
-    eval: InLoopEval = field(default_factory=InLoopEval)
+    training: TrainingExtras = field(default_factory=TrainingExtras)
+    metrics: MetricsExtras = field(default_factory=MetricsExtras)
+    checkpoint: CheckpointExtras = field(default_factory=CheckpointExtras)
+    eval: InLoopEvalConfig = field(default_factory=InLoopEvalConfig)
 
 
-def arch_section(job_config: Any) -> dict[str, Any]:
-    """``[arch]`` as the plain dict ``TitanMoEModelArgs.from_sections`` takes."""
-    return asdict(job_config.arch)
+# -- dict -> section ------------------------------------------------------------------
 
 
-def moe_section(job_config: Any) -> dict[str, Any]:
-    """``[moe]`` as the plain dict ``TitanMoEModelArgs.from_sections`` takes."""
-    return asdict(job_config.moe)
+def section_from_dict(cls: type, data: Any, name: str) -> Any:
+    """Build section dataclass ``cls`` from its TOML table; ConfigError naming ``name.key``.
+
+    Refuses unknown keys (typos) and missing required expert-set keys, and reads
+    two spellings torchtitan's loader cannot: a number where a string is declared
+    (``granularity = 0.25``) and a list of tables for a list-of-dataclass field
+    (``expert_sets = [{...}]``).  Nested dataclass sections are built recursively.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(name, f"must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{name}.{key}", f"unknown key; valid keys: {', '.join(sorted(known))}")
+    if cls is ExpertSetConfig:
+        for key in EXPERT_SET_REQUIRED:
+            if key not in data:
+                raise ConfigError(f"{name}.{key}", "is required")
+    values = {}
+    for key, value in data.items():
+        kind = hints[key]
+        if is_dataclass(kind) and isinstance(value, dict):
+            value = section_from_dict(kind, value, f"{name}.{key}")
+        elif kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        elif typing.get_origin(kind) is list and is_dataclass((typing.get_args(kind) or (None,))[0]):
+            if not isinstance(value, list):
+                raise ConfigError(f"{name}.{key}", "must be a list of tables like { num_experts = 64, "
+                                  "granularity = '1/8', top_k = 8 }")
+            (item,) = typing.get_args(kind)
+            value = [section_from_dict(item, v, f"{name}.{key}[{i}]") for i, v in enumerate(value)]
+        values[key] = value
+    return cls(**values)
+
+
+# -- the reader -----------------------------------------------------------------------
+
+
+@functools.cache
+def merged_job_config_class() -> type:
+    """torchtitan's JobConfig merged with titan-moe's sections, built once (so parsed configs compare equal)."""
+    return ConfigManager._merge_configs(TorchTitanJobConfig, JobConfig)
 
 
 class RunConfigManager(ConfigManager):
     """torchtitan's ConfigManager with titan-moe's sections always merged in.
 
-    It also reads two TOML spellings torchtitan's loader cannot: numbers where a
-    string is declared (``granularity = 0.25`` or ``generalist_granularity = 0``)
-    and lists of tables for list-of-dataclass fields (``expert_sets = [{...}]``).
+    Every table of the TOML is built by ``section_from_dict`` (named errors for
+    unknown keys, number-for-string and list-of-tables spellings); tyro then
+    applies the ``--section.key value`` overrides on top, as in torchtitan.
     """
 
     def __init__(self) -> None:
-        super().__init__(ConfigManager._merge_configs(TorchTitanJobConfig, JobConfig))
+        super().__init__(merged_job_config_class())
 
     def _dict_to_dataclass(self, cls, data):
-        if is_dataclass(cls) and isinstance(data, dict):
-            hints = typing.get_type_hints(cls)
-            data = dict(data)
-            for f in fields(cls):
-                if f.name not in data:
-                    continue
-                kind, value = hints.get(f.name), data[f.name]
-                if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    data[f.name] = str(value)
-                elif typing.get_origin(kind) is list and isinstance(value, list):
-                    (item,) = typing.get_args(kind) or (None,)
-                    if is_dataclass(item):
-                        data[f.name] = [self._dict_to_dataclass(item, v) if isinstance(v, dict) else v for v in value]
-        return super()._dict_to_dataclass(cls, data)
+        return _root_from_dict(cls, data)
+
+
+def _root_from_dict(cls: type, data: dict) -> Any:
+    known = {f.name: f.type for f in fields(cls)}
+    for section in data:
+        if section not in known:
+            raise ConfigError(section, f"unknown section; valid sections: {', '.join(sorted(known))}")
+    return cls(**{k: section_from_dict(known[k], v, k) if is_dataclass(known[k]) else v for k, v in data.items()})
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``[own args...] -- [--section.key value ...]`` -> (own args, overrides after ``--``)."""
+    if "--" in argv:
+        i = argv.index("--")
+        return list(argv[:i]), list(argv[i + 1:])
+    return list(argv), []
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Every flag in ``overrides`` must look like ``--section.key`` (a typo'd command flag would
+    otherwise reach torchtitan's parser and fail with its whole usage text)."""
+    for word in overrides:
+        if word.startswith("--") and "." not in word.split("=", 1)[0]:
+            raise ConfigError(word, "is not an option of this command nor a run-config override "
+                              "(--section.key value, e.g. --training.steps 100)")
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """A command's own options and its run-config overrides, the same way for every command.
+
+    Overrides follow ``--`` or mix with the command's options (whatever ``parser``
+    does not know); either way each must be a ``--section.key`` flag.
+    """
+    own, after = split_overrides(argv)
+    args, mixed = parser.parse_known_args(own)
+    overrides = [*mixed, *after]
+    check_overrides(overrides)
+    return args, overrides
 
 
 def parse_run_config(argv: list[str]) -> Any:
-    """Parse ``--job.config_file RUN.toml [--section.key value ...]`` into a merged JobConfig."""
-    return RunConfigManager().parse_args(list(argv))
+    """Parse ``--job.config_file RUN.toml [--section.key value ...]`` into a merged JobConfig.
+
+    Resolves the defaults that depend on other fields (an unset ``training.dataset``
+    is "mds" when ``[data].root`` is set) and raises ConfigError for a file that does
+    not exist or parse, and for an override torchtitan's parser rejects.
+    """
+    argv = list(argv)
+    check_overrides([w for w in argv if w not in ("--job.config_file", "--job.config-file")])
+    manager = RunConfigManager()
+    try:
+        # tyro prints its usage on a bad override; keep the message, not the noise.
+        with contextlib.redirect_stderr(io.StringIO()) as noise:
+            job = manager.parse_args(argv)
+    except ConfigError:
+        raise
+    except FileNotFoundError as exc:
+        raise ConfigError("config", f"no such run config file: {exc.filename}") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("config", str(exc)) from None
+    except SystemExit:
+        raise ConfigError("overrides", f"rejected by the run-config parser: {_tyro_error(noise.getvalue())}") from None
+    if not job.training.dataset and job.data.root:
+        job.training.dataset = "mds"
+    return job
+
+
+def _tyro_error(text: str) -> str:
+    # tyro's report is a framed box; its error lines are the ones worth showing.
+    lines = [line.strip(" │╭╮╰╯─") for line in text.splitlines()]
+    return " ".join(line for line in lines if line and not line.startswith("usage")) or "see --help"
+
+
+def load_run_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """The one reader: ``path`` plus ``--section.key value`` overrides -> the merged JobConfig."""
+    if not os.path.isfile(path):
+        raise ConfigError("config", f"no such run config file: {path}")
+    return parse_run_config(["--job.config_file", str(path), *overrides])

@@ -3,7 +3,8 @@
 torchtitan 0.2.2 only discovers a bad device mesh inside ``init_process_group``
 / ``ParallelDims`` (as an ``AssertionError`` on every rank, after the
 rendezvous) and a non-divisible expert count deep inside ``distribute_tensor``.
-``check_run`` raises a ``ConfigError`` naming the field instead, and is called
+``check_run`` raises a ``ConfigError`` naming the field instead (also for a
+``[data]`` section whose root, manifests or mixture do not work), and is called
 by both ``titan-moe train`` (before torchrun is spawned) and
 ``titan_moe.train`` (before the Trainer is built).
 
@@ -17,10 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from titan_moe.errors import ConfigError
-from titan_moe.job_config import arch_section, moe_section
+from titan_moe.job_config import DATASETS, MODEL_NAME
 from titan_moe.model.args import TitanMoEModelArgs
-
-MODEL_NAME = "titan_moe"
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class Mesh:
 
 def model_args_from_config(job_config: Any) -> TitanMoEModelArgs:
     """Build and validate the model from ``[arch]``, ``[moe]`` and ``[training].seq_len``."""
-    return TitanMoEModelArgs.from_sections(arch_section(job_config), moe_section(job_config), job_config.training.seq_len)
+    return TitanMoEModelArgs.from_job_config(job_config)
 
 
 def check_mesh(parallelism: Any, world_size: int, expert_counts: list[int]) -> Mesh:
@@ -131,15 +130,39 @@ def check_batch(training: Any, mesh: Mesh) -> None:
         )
 
 
-def check_run(job_config: Any, world_size: int) -> tuple[TitanMoEModelArgs, Mesh]:
-    """Everything that can be known wrong before ``init_process_group``."""
+def check_run(job_config: Any, world_size: int, *, read_data: bool = True) -> tuple[TitanMoEModelArgs, Mesh]:
+    """Everything that can be known wrong before ``init_process_group``.
+
+    ``read_data = False`` skips reading the ``[data]`` manifests (the Kubernetes renderer
+    checks a run on a machine that may not reach the cluster's object store).
+    """
     if job_config.model.name != MODEL_NAME:
         raise ConfigError("model.name", f"titan-moe trains model.name = {MODEL_NAME!r}, got {job_config.model.name!r}")
     args = model_args_from_config(job_config)
     counts = [s.num_experts for s in args.moe.expert_sets] if args.moe.enabled else []
     mesh = check_mesh(job_config.parallelism, world_size, counts)
     check_batch(job_config.training, mesh)
-    dataset = job_config.training.dataset
-    if dataset not in ("synthetic", "mds"):
-        raise ConfigError("training.dataset", f"unknown dataset {dataset!r}; use 'synthetic' or 'mds'")
+    check_dataset(job_config, read_data=read_data)
     return args, mesh
+
+
+def check_dataset(job_config: Any, *, read_data: bool = True) -> None:
+    """``training.dataset`` is one titan-moe trains on; ``mds`` checks ``[data]`` against its manifests.
+
+    The reader already turned an unset dataset into ``mds`` when ``[data].root`` is set.
+    """
+    dataset = job_config.training.dataset
+    choices = " or ".join(repr(d) for d in DATASETS)
+    if not dataset:
+        raise ConfigError("training.dataset", f"is not set; choose {choices} (or set [data].root, which implies 'mds')")
+    if dataset not in DATASETS:
+        raise ConfigError("training.dataset", f"unknown dataset {dataset!r}; use {choices}")
+    if dataset == "mds":
+        job_config.data.check()
+        if not read_data:
+            return
+        # Imported on use: the loader pulls in MosaicML streaming, which synthetic runs,
+        # describe and the k8s renderer do not need.
+        from titan_moe.data.loader import check_data_config
+
+        check_data_config(job_config)

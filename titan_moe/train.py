@@ -23,7 +23,7 @@ Without torchrun it runs as a single process.
 """
 
 # The CPU adapter must run before anything imports torchtitan (see platform.py).
-from titan_moe import platform
+from titan_moe.infra import platform
 
 platform.activate()
 
@@ -217,7 +217,7 @@ def run(argv: list[str]) -> int:
         # Before init_process_group: every rank prints the same message and exits.
         print(f"titan_moe.train: invalid run config: {exc}", file=sys.stderr)
         return 2
-    train_spec.register(args)
+    train_spec.register()
     logger.info(f"titan-moe: world {mesh.world_size} = dp_replicate {mesh.dp_replicate} x dp_shard "
                 f"{mesh.dp_shard}; EP {mesh.ep} (experts FSDP over {mesh.efsdp})")
 

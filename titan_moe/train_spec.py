@@ -2,7 +2,7 @@
 
 =====================  ==========================================================
 model                  ``titan_moe.model.Transformer`` from ``[arch]``/``[moe]``
-parallelize            ``titan_moe.parallelize.parallelize_titan_moe``
+parallelize            ``titan_moe.infra.parallelize.parallelize_titan_moe``
 loss                   torchtitan's summed cross-entropy; the trainer adds the MoE
                        auxiliary losses (they need the rank's token share, see
                        ``TitanMoETrainer.forward_backward_step``)
@@ -32,10 +32,11 @@ from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 from titan_moe.data.synthetic import SyntheticDataLoader
 from titan_moe.errors import ConfigError
 from titan_moe.metrics import TitanMetricsProcessor
+from titan_moe.model.accounting import count_parameters, flops_per_token
 from titan_moe.model.args import TitanMoEModelArgs
 from titan_moe.model.moe import expert_sets, update_expert_biases
 from titan_moe.model.transformer import Transformer
-from titan_moe.parallelize import parallelize_titan_moe
+from titan_moe.infra.parallelize import parallelize_titan_moe
 from titan_moe.preflight import MODEL_NAME
 
 
@@ -53,47 +54,39 @@ def _json_safe(value: Any) -> Any:
 class RunModelArgs(BaseModelArgs):
     """What torchtitan's Trainer holds as "model args" for a titan_moe run.
 
-    Wraps the validated ``TitanMoEModelArgs`` (a plain attribute, not a field)
-    because the Trainer logs ``json.dumps(dataclasses.asdict(model_args))`` and
-    the expert granularities are exact ``Fraction``s; ``summary`` is the
-    JSON-safe copy it logs instead.
+    torchtitan looks model args up by ``[model].flavor`` and then calls
+    ``update_from_config(job_config)``; titan-moe builds them there, from the
+    run's own ``[arch]``/``[moe]``/``[training].seq_len``, so the train spec
+    needs no per-run state.  The validated ``TitanMoEModelArgs`` is a plain
+    attribute (``args``), not a field, because the Trainer logs
+    ``json.dumps(dataclasses.asdict(model_args))`` and the expert
+    granularities are exact ``Fraction``s; ``summary`` is the JSON-safe copy
+    it logs instead.
     """
 
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    @classmethod
-    def wrap(cls, args: TitanMoEModelArgs) -> "RunModelArgs":
-        run_args = cls(summary=_json_safe(dataclasses.asdict(args)))
-        run_args.args = args
-        return run_args
-
     def update_from_config(self, job_config: Any, **kwargs) -> None:
-        self.args.update_from_config(job_config, **kwargs)
+        self.args = TitanMoEModelArgs.from_job_config(job_config)
+        self.summary = _json_safe(dataclasses.asdict(self.args))
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
-        return self.args.get_nparams_and_flops(model, seq_len)
+        counts = count_parameters(model)
+        return counts.total, flops_per_token(self.args, counts, seq_len)
 
 
 class ModelArgsFromSections(Mapping[str, RunModelArgs]):
-    """torchtitan looks model args up by ``[model].flavor``; titan-moe builds them
-    from ``[arch]``/``[moe]`` instead, so every flavor maps to the run's args."""
-
-    def __init__(self) -> None:
-        self.current: RunModelArgs | None = None
+    """torchtitan's ``model_args`` table: every flavor maps to fresh ``RunModelArgs``,
+    filled from the run config by torchtitan's own ``update_from_config`` call."""
 
     def __getitem__(self, flavor: str) -> RunModelArgs:
-        if self.current is None:
-            raise KeyError(f"{flavor}: model args are set by titan_moe.train from [arch]/[moe]")
-        return self.current
+        return RunModelArgs()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(["from_sections"] if self.current is not None else [])
+        return iter(["from_sections"])
 
     def __len__(self) -> int:
-        return int(self.current is not None)
-
-
-MODEL_ARGS = ModelArgsFromSections()
+        return 1
 
 
 def build_model(run_args: RunModelArgs) -> Transformer:
@@ -188,7 +181,7 @@ def build_metrics_processor(job_config: Any, parallel_dims: ParallelDims, model_
 def get_train_spec() -> TrainSpec:
     return TrainSpec(
         model_cls=build_model,
-        model_args=MODEL_ARGS,
+        model_args=ModelArgsFromSections(),
         parallelize_fn=parallelize_titan_moe,
         pipelining_fn=None,
         build_optimizers_fn=build_optimizers_with_bias_update,
@@ -201,10 +194,9 @@ def get_train_spec() -> TrainSpec:
     )
 
 
-def register(args: TitanMoEModelArgs) -> None:
-    """Register the ``titan_moe`` spec (once per process) with this run's model args."""
-    MODEL_ARGS.current = RunModelArgs.wrap(args)
+def register() -> None:
+    """Register the ``titan_moe`` spec with torchtitan (idempotent: it holds no per-run state)."""
     try:
         register_train_spec(MODEL_NAME, get_train_spec())
     except ValueError:
-        pass  # already registered in this process; MODEL_ARGS now holds the new args
+        pass  # already registered in this process

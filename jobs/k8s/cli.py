@@ -1,6 +1,6 @@
 """``titan-moe k8s``: render (and check) the Kubernetes manifests of a run.
 
-    titan-moe k8s render RUN.toml --nodes N --gpus-per-node G --image IMAGE --out DIR [--queue Q]
+    titan-moe k8s render RUN.toml --nodes N --gpus-per-node G --image IMAGE --out DIR [--queue Q] [-- --section.key value ...]
     titan-moe k8s validate DIR --jobset-crd jobset.x-k8s.io_jobsets.yaml
 """
 
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _render(args: argparse.Namespace) -> int:
+def _render(args: argparse.Namespace, overrides: list[str]) -> int:
     from jobs.k8s.render import render_run
 
     option_names = (
@@ -66,7 +66,8 @@ def _render(args: argparse.Namespace) -> int:
     )  # fmt: skip
     options = {k: getattr(args, k) for k in option_names}
     try:
-        paths = render_run(args.config, args.nodes, args.gpus_per_node, args.image, args.out, args.queue, **options)
+        paths = render_run(args.config, args.nodes, args.gpus_per_node, args.image, args.out, args.queue,
+                           overrides, **options)
     except ConfigError as exc:
         print(f"titan-moe k8s render: {exc}", file=sys.stderr)
         return 2
@@ -89,9 +90,30 @@ def _validate(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def read_config(argv: list[str]):
+    """The run config ``titan-moe k8s render ARGV`` checks and ships (what every trainer rank parses)."""
+    from jobs.k8s.runconfig import check_run_config
+    from titan_moe.job_config import parse_command_line
+
+    args, overrides = parse_command_line(_parser(), argv)
+    return check_run_config(args.config, args.nodes, args.gpus_per_node, overrides).job
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return _render(args) if args.command == "render" else _validate(args)
+    # Imported here: it pulls in torch/torchtitan, which `--help` should not pay for.
+    from titan_moe.job_config import parse_command_line
+
+    parser = _parser()
+    try:
+        args, overrides = parse_command_line(parser, list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as exc:
+        print(f"titan-moe k8s: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "validate":
+        if overrides:
+            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+        return _validate(args)
+    return _render(args, overrides)
 
 
 if __name__ == "__main__":

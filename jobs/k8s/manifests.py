@@ -28,7 +28,7 @@ import shlex
 from dataclasses import dataclass
 
 from jobs.k8s.options import RDZV_PORT, REPLICATED_JOB, RenderOptions
-from jobs.k8s.runconfig import RunConfig
+from jobs.k8s.runconfig import ClusterRunConfig
 
 JOBSET_API = "jobset.x-k8s.io/v1alpha2"
 CONFIG_MOUNT = "/config"
@@ -52,7 +52,7 @@ class Run:
     """A run config placed on a cluster: what every manifest is built from."""
 
     name: str
-    config: RunConfig
+    config: ClusterRunConfig
     nodes: int
     gpus_per_node: int
     image: str
@@ -140,6 +140,8 @@ def trainer_script(run: Run) -> str:
     trainer = [
         ["-m", TRAIN_MODULE],
         ["--job.config_file", f"{CONFIG_MOUNT}/{CONFIG_KEY}"],
+        # The render's own overrides; the cluster settings below come later and win.
+        *([word] for word in run.config.overrides),
         # Everything the run writes goes to the shared volume, under its own folder.
         ["--job.dump_folder", run.run_dir],
         # Auto-resume after a restart needs checkpoints, whatever the TOML says.
@@ -350,6 +352,7 @@ def eval_command(run: Run) -> list[str]:
         "--tb-dir", f"{run.tensorboard_dir}/eval",
         "--nproc", str(max(1, o.eval_gpus)),
         "--no-progress",  # a log file, not a terminal
+        *(["--", *run.config.overrides] if run.config.overrides else []),
     ]  # fmt: skip
 
 

@@ -18,7 +18,7 @@ import yaml
 from jobs.k8s import manifests
 from jobs.k8s.manifests import Run
 from jobs.k8s.options import RenderOptions, check_image, check_queue, check_shape, name_from_stem
-from jobs.k8s.runconfig import load_run_config
+from jobs.k8s.runconfig import check_run_config
 
 # What `kubectl apply -k DIR` creates while training; the eval Job is applied
 # by hand after the run finished (it would otherwise score a half-trained model).
@@ -33,6 +33,7 @@ def plan_run(
     image: str | None,
     queue: str | None = None,
     options: RenderOptions | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> Run:
     """Check every input and resolve the mesh; raise ConfigError naming the bad field."""
     options = options or RenderOptions()
@@ -40,7 +41,7 @@ def plan_run(
     image = check_image(image)
     options.check(nodes)
     check_queue(queue)
-    config = load_run_config(config_path, nodes, gpus_per_node)
+    config = check_run_config(config_path, nodes, gpus_per_node, overrides)
     name = options.name or name_from_stem(Path(config_path).stem, nodes)
     return Run(name, config, nodes, gpus_per_node, image, queue, options)
 
@@ -99,17 +100,19 @@ def render_run(
     image: str | None,
     out_dir: str | Path,
     queue: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
     **options,
 ) -> list[Path]:
     """Write the manifests of one run into ``out_dir``; return the written paths.
 
     ``options`` are ``RenderOptions`` fields (``name``, ``namespace``,
-    ``runs_claim``, ``checkpoint_seconds``, ...).  Raises
+    ``runs_claim``, ``checkpoint_seconds``, ...); ``overrides`` are run-config
+    ``--section.key value`` pairs, checked here and passed to the trainer.  Raises
     ``titan_moe.errors.ConfigError`` for a run that cannot work on the
     requested cluster shape (mesh does not tile ``nodes x gpus_per_node``,
     missing image, non-positive node count, ...) before writing anything.
     """
-    run = plan_run(config_path, nodes, gpus_per_node, image, queue, RenderOptions(**options))
+    run = plan_run(config_path, nodes, gpus_per_node, image, queue, RenderOptions(**options), overrides)
     texts = {name: to_yaml(obj) for name, obj in build_manifests(run).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,18 +1,18 @@
 """What the Kubernetes renderer needs to know about one run config.
 
 A config that renders must be a config that starts: the renderer parses the
-TOML with the trainer's own config manager and runs the trainer's preflight
-(``titan_moe.preflight.check_run``: model design point, device mesh, batch)
-for the cluster's world size ``nodes x gpus_per_node``.  So a mesh that does
-not tile the cluster fails at render time, not after N nodes were scheduled
-and rendezvoused.
+TOML and its overrides with the trainer's own reader
+(``titan_moe.job_config.load_run_config``) and runs the trainer's preflight
+(``titan_moe.preflight.check_run``: model design point, device mesh, batch,
+``[data]`` settings) for the cluster's world size ``nodes x gpus_per_node``.
+So a mesh that does not tile the cluster fails at render time, not after N
+nodes were scheduled and rendezvoused.  The data manifests are not read: the
+machine that renders may not reach the cluster's object store.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +26,11 @@ MAX_CONFIGMAP_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """One run TOML, checked for a world size.
+class ClusterRunConfig:
+    """One run TOML and its overrides, checked for a cluster's world size.
 
-    ``text`` ships verbatim in a ConfigMap; the folders are relative to
+    ``text`` ships verbatim in a ConfigMap and ``overrides`` follow it on the
+    trainer's and the eval Job's command lines; the folders are relative to
     ``[job].dump_folder``, which the renderer points at the shared volume.
     """
 
@@ -38,6 +39,8 @@ class RunConfig:
     checkpoint_folder: str
     tb_folder: str
     mesh: Any  # titan_moe.preflight.Mesh
+    job: Any  # the parsed run config (titan_moe.job_config.load_run_config)
+    overrides: tuple[str, ...] = ()
 
     @property
     def sha256(self) -> str:
@@ -56,8 +59,9 @@ def _relative_folder(value: str, field: str, default: str) -> str:
     return value
 
 
-def load_run_config(path: str | Path, nodes: int, gpus_per_node: int) -> RunConfig:
-    """Read and check ``path`` for ``nodes x gpus_per_node`` ranks; ConfigError if it cannot run."""
+def check_run_config(path: str | Path, nodes: int, gpus_per_node: int,
+                     overrides: list[str] | tuple[str, ...] = ()) -> ClusterRunConfig:
+    """Read and check ``path`` (+ overrides) for ``nodes x gpus_per_node`` ranks; ConfigError if it cannot run."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("RUN.toml", f"run config {str(path)!r} does not exist or is not a file")
@@ -70,21 +74,16 @@ def load_run_config(path: str | Path, nodes: int, gpus_per_node: int) -> RunConf
         raise ConfigError("RUN.toml", f"{path} is {len(text.encode())} bytes; a ConfigMap holds at most 1 MiB")
 
     # Imported here: it pulls in torch/torchtitan, which `--help` should not pay for.
-    from titan_moe.job_config import parse_run_config
+    from titan_moe.job_config import load_run_config
     from titan_moe.preflight import check_run
 
     try:
-        # torchtitan's manager prints tyro usage on some errors; keep the message, not the noise.
-        with contextlib.redirect_stderr(io.StringIO()) as noise:
-            job_config = parse_run_config(["--job.config_file", str(path)])
-    except (ValueError, TypeError) as exc:
-        raise ConfigError("RUN.toml", f"{path}: {exc}") from None
-    except SystemExit:
-        raise ConfigError("RUN.toml", f"{path} does not parse as a run config: {noise.getvalue().strip()}") from None
-
+        job_config = load_run_config(path, overrides)
+    except ConfigError as exc:
+        raise ConfigError("RUN.toml", f"{path} does not parse as a run config: {exc}") from None
     world = nodes * gpus_per_node
     try:
-        _, mesh = check_run(job_config, world)
+        _, mesh = check_run(job_config, world, read_data=False)
     except ConfigError as exc:
         message = str(exc).removeprefix(f"{exc.field}: ")
         raise ConfigError(
@@ -93,9 +92,11 @@ def load_run_config(path: str | Path, nodes: int, gpus_per_node: int) -> RunConf
             f"change the run config or the cluster shape)",
         ) from None
 
-    return RunConfig(
+    return ClusterRunConfig(
         path=path,
         text=text,
+        job=job_config,
+        overrides=tuple(overrides),
         checkpoint_folder=_relative_folder(job_config.checkpoint.folder, "checkpoint.folder", "checkpoint"),
         tb_folder=_relative_folder(job_config.metrics.save_tb_folder, "metrics.save_tb_folder", "tb"),
         mesh=mesh,

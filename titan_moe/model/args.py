@@ -7,22 +7,22 @@ several sets whose outputs add, plus an always-active *generalist* expert of
 granularity ``g_gen``.  A design is FLOP-matched with the dense model when
 ``sum_i k_i * g_i + g_gen == 1``.
 
-Everything is validated here, before any process group starts, and every
-error names the field it is about.
+The run config's section dataclasses (``titan_moe.job_config.ArchConfig``,
+``MoEConfig``, ``ExpertSetConfig``) hold every field and default; the classes
+here subclass them, only reading granularities into exact fractions and adding
+``[training].seq_len``.  Everything is validated here, before any process group
+starts, and every error names the field it is about.
 """
 
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
-from pathlib import Path
-from typing import Any, Literal
-
-from torchtitan.protocols.model import BaseModelArgs
+from typing import Any
 
 from titan_moe.errors import ConfigError
+from titan_moe.job_config import EXPERT_SET_REQUIRED, ArchConfig, ExpertSetConfig, MoEConfig, section_from_dict
 
 VOCAB_PAD_MULTIPLE = 128
 ROUTING_MODES = ("dropless", "capacity")
@@ -35,8 +35,9 @@ def parse_fraction(value: Any, field_name: str) -> Fraction:
     if isinstance(value, bool):
         raise ConfigError(field_name, f"expected a number or a fraction like '1/8', got {value!r}")
     try:
-        if isinstance(value, float):
-            # 0.125 is exact in binary; 0.1 is not, so snap to a small denominator.
+        if isinstance(value, float) or (isinstance(value, str) and "." in value):
+            # 0.125 is exact in binary; 0.1 and 0.3333333333333333 are not, so snap to a
+            # small denominator (TOML numbers reach here as decimal strings, see job_config).
             return Fraction(value).limit_denominator(1 << 12)
         return Fraction(value)
     except (TypeError, ValueError, ZeroDivisionError):
@@ -65,12 +66,13 @@ def expert_hidden_dim(granularity: Fraction, ffn_hidden: int, field_name: str) -
 
 
 @dataclass
-class ExpertSetArgs:
-    """``num_experts`` experts of ``granularity`` x ffn_hidden, each token routed to ``top_k``."""
+class ExpertSetArgs(ExpertSetConfig):
+    """``num_experts`` experts of ``granularity`` x ffn_hidden, each token routed to ``top_k``.
 
-    num_experts: int
-    granularity: Fraction
-    top_k: int
+    The ``[moe].expert_sets`` entry (``ExpertSetConfig``) with the granularity read
+    into an exact fraction."""
+
+    granularity: Fraction = Fraction(1)
 
     @property
     def sparsity(self) -> Fraction:
@@ -79,28 +81,26 @@ class ExpertSetArgs:
 
 
 @dataclass
-class MoEArgs:
-    """The `[moe]` section.  ``enabled = false`` builds the dense baseline."""
+class MoEArgs(MoEConfig):
+    """The ``[moe]`` section (``MoEConfig``: fields, defaults and their meaning) with the
+    granularities read into exact fractions.  ``enabled = false`` builds the dense baseline."""
 
-    enabled: bool = False
     expert_sets: list[ExpertSetArgs] = field(default_factory=list)
-    # Always-active generalist (shared) expert; 0 means none.
     generalist_granularity: Fraction = Fraction(0)
-    require_flop_match: bool = False
-    routing: Literal["dropless", "capacity"] = "dropless"
-    capacity_factor: float = 1.25
-    # Which slots a full expert drops under routing = "capacity": "priority" keeps the
-    # highest-probability slots of the local batch; "megablocks" keeps slots in token
-    # order with capacity computed over the expert-parallel group (the papers' baseline).
-    capacity_policy: Literal["priority", "megablocks"] = "priority"
-    # Keep the selected router probabilities as they are (OLMoE) or rescale them to sum to 1.
-    renormalize: bool = False
-    aux_loss_weight: float = 0.01
-    z_loss_weight: float = 0.001
-    # Loss-free balancing: per-expert selection bias step size; 0 turns it off.
-    bias_update_rate: float = 0.0
-    # "auto": torch._grouped_mm on Hopper GPUs, a per-expert loop elsewhere.
-    expert_impl: Literal["auto", "grouped", "loop"] = "auto"
+
+    @classmethod
+    def from_config(cls, config: MoEConfig) -> "MoEArgs":
+        sets = []
+        for i, s in enumerate(config.expert_sets):
+            name = f"moe.expert_sets[{i}]"
+            for key in EXPERT_SET_REQUIRED:
+                _require_positive_int(getattr(s, key), f"{name}.{key}")
+            sets.append(ExpertSetArgs(num_experts=s.num_experts, top_k=s.top_k,
+                                      granularity=parse_fraction(s.granularity, f"{name}.granularity")))
+        values = {f.name: getattr(config, f.name) for f in fields(MoEConfig)}
+        values["expert_sets"] = sets
+        values["generalist_granularity"] = parse_fraction(config.generalist_granularity, "moe.generalist_granularity")
+        return cls(**values)
 
     @property
     def flop_ratio(self) -> Fraction:
@@ -111,20 +111,17 @@ class MoEArgs:
 
 
 @dataclass
-class TitanMoEModelArgs(BaseModelArgs):
-    """An OLMoE-like decoder: pre-norm RMSNorm, RoPE, QK-norm, SwiGLU, no biases."""
+class TitanMoEModelArgs(ArchConfig):
+    """An OLMoE-like decoder: pre-norm RMSNorm, RoPE, QK-norm, SwiGLU, no biases.
 
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
-    ffn_hidden: int = 1024
-    vocab_size: int = 50280
-    qk_norm: bool = True
+    The ``[arch]`` section (``ArchConfig``: fields and defaults) plus the sequence
+    length and the ``[moe]`` design point, validated.  Build it from a parsed run
+    config (``from_job_config``) or from plain section tables (``from_sections``,
+    for the sweep planner); both go through the same section dataclasses.
+    """
+
     max_seq_len: int = 2048
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    """Always set from ``[training].seq_len`` by the constructors below."""
     moe: MoEArgs = field(default_factory=MoEArgs)
 
     # -- derived sizes -------------------------------------------------------
@@ -152,25 +149,23 @@ class TitanMoEModelArgs(BaseModelArgs):
 
     # -- construction ----------------------------------------------------------
     @classmethod
-    def from_sections(cls, arch: dict[str, Any], moe: dict[str, Any] | None, seq_len: int) -> "TitanMoEModelArgs":
-        """Build and validate from the TOML sections `[arch]`, `[moe]` and `[training].seq_len`."""
-        arch = dict(arch)
-        known = {f.name for f in fields(cls)} - {"moe", "max_seq_len", "_enforced"}
-        for key in arch:
-            if key not in known:
-                raise ConfigError(f"arch.{key}", f"unknown key; valid keys: {', '.join(sorted(known))}")
-        args = cls(**arch, max_seq_len=seq_len, moe=_moe_from_section(moe or {}))
+    def from_config(cls, arch: ArchConfig, moe: MoEConfig, seq_len: int) -> "TitanMoEModelArgs":
+        """Build and validate from the parsed ``[arch]`` and ``[moe]`` sections and ``[training].seq_len``."""
+        values = {f.name: getattr(arch, f.name) for f in fields(ArchConfig)}
+        args = cls(**values, max_seq_len=seq_len, moe=MoEArgs.from_config(moe))
         args.validate()
         return args
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "TitanMoEModelArgs":
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-        if "arch" not in doc:
-            raise ConfigError("arch", f"{path} has no [arch] section")
-        seq_len = doc.get("training", {}).get("seq_len", 2048)
-        return cls.from_sections(doc["arch"], doc.get("moe"), seq_len)
+    def from_job_config(cls, job_config: Any) -> "TitanMoEModelArgs":
+        """The model a run config (``titan_moe.job_config.load_run_config``) builds."""
+        return cls.from_config(job_config.arch, job_config.moe, job_config.training.seq_len)
+
+    @classmethod
+    def from_sections(cls, arch: dict[str, Any], moe: dict[str, Any] | None, seq_len: int) -> "TitanMoEModelArgs":
+        """Build and validate from the TOML tables ``[arch]``, ``[moe]`` and ``[training].seq_len``."""
+        return cls.from_config(section_from_dict(ArchConfig, arch, "arch"),
+                               section_from_dict(MoEConfig, moe or {}, "moe"), seq_len)
 
     def validate(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "ffn_hidden", "vocab_size", "max_seq_len"):
@@ -190,54 +185,10 @@ class TitanMoEModelArgs(BaseModelArgs):
         if self.moe.enabled:
             _validate_moe(self)
 
-    # -- torchtitan's BaseModelArgs protocol ---------------------------------
-    def update_from_config(self, job_config, **kwargs) -> None:
-        self.max_seq_len = job_config.training.seq_len
-        self.validate()
-
-    def get_nparams_and_flops(self, model, seq_len: int) -> tuple[int, int]:
-        from titan_moe.model.accounting import count_parameters, flops_per_token
-
-        counts = count_parameters(model)
-        return counts.total, flops_per_token(self, counts, seq_len)
-
 
 def _require_positive_int(value: Any, name: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(name, f"must be a positive integer, got {value!r}")
-
-
-def _moe_from_section(section: dict[str, Any]) -> MoEArgs:
-    section = dict(section)
-    known = {f.name for f in fields(MoEArgs)}
-    for key in section:
-        if key not in known:
-            raise ConfigError(f"moe.{key}", f"unknown key; valid keys: {', '.join(sorted(known))}")
-    raw_sets = section.pop("expert_sets", [])
-    if not isinstance(raw_sets, list):
-        raise ConfigError("moe.expert_sets", "must be a list of tables like { num_experts = 64, granularity = '1/8', top_k = 8 }")
-    sets = []
-    for i, raw in enumerate(raw_sets):
-        name = f"moe.expert_sets[{i}]"
-        if not isinstance(raw, dict):
-            raise ConfigError(name, f"must be a table, got {raw!r}")
-        extra = set(raw) - {"num_experts", "granularity", "top_k"}
-        if extra:
-            raise ConfigError(f"{name}.{sorted(extra)[0]}", "unknown key; valid keys: granularity, num_experts, top_k")
-        for key in ("num_experts", "top_k"):
-            if key not in raw:
-                raise ConfigError(f"{name}.{key}", "is required")
-            _require_positive_int(raw[key], f"{name}.{key}")
-        sets.append(
-            ExpertSetArgs(
-                num_experts=raw["num_experts"],
-                granularity=parse_fraction(raw.get("granularity", 1), f"{name}.granularity"),
-                top_k=raw["top_k"],
-            )
-        )
-    if "generalist_granularity" in section:
-        section["generalist_granularity"] = parse_fraction(section["generalist_granularity"], "moe.generalist_granularity")
-    return MoEArgs(expert_sets=sets, **section)
 
 
 def _validate_moe(args: TitanMoEModelArgs) -> None:

@@ -9,7 +9,7 @@ about that; everything else is device-agnostic.
 
 Use it before anything imports torchtitan::
 
-    from titan_moe import platform
+    from titan_moe.infra import platform
     platform.activate()          # no-op when CUDA is available
 
 and, after FSDP wrapping, ``platform.adapt_fsdp(model)`` (a no-op unless the
@@ -113,7 +113,7 @@ def _activate_cpu() -> None:
         # Too late: other torchtitan modules have already copied device_type="cuda".
         if sys.modules["torchtitan.tools.utils"].device_type != "cpu":
             raise RuntimeError(
-                "titan_moe.platform.activate() must run before torchtitan is imported "
+                "titan_moe.infra.platform.activate() must run before torchtitan is imported "
                 "(import titan_moe.train or call activate() at the top of your entry point)"
             )
     import torch._utils as torch_utils

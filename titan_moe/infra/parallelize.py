@@ -29,8 +29,8 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.tools.logging import logger
 
-from titan_moe import platform
-from titan_moe.expert_parallel import apply_expert_parallel
+from titan_moe.infra import platform
+from titan_moe.infra.expert_parallel import apply_expert_parallel
 from titan_moe.model.moe import expert_sets
 
 # Ops whose outputs per-op selective AC keeps instead of recomputing.
