@@ -107,9 +107,10 @@ def time_memmap(flat: np.memmap, rows: list[np.ndarray]) -> float:
 
 def gpu_need() -> tuple[int, float]:
     from titan_moe.model.accounting import describe
+    from titan_moe.job_config import load_run_config
     from titan_moe.model.args import TitanMoEModelArgs
 
-    args = TitanMoEModelArgs.from_toml(BENCH_CONFIG)
+    args = TitanMoEModelArgs.from_job_config(load_run_config(BENCH_CONFIG))
     flops = describe(args, args.max_seq_len)["flops_per_token"]
     return flops, MFU * PEAK_BF16 / flops
 

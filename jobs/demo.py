@@ -150,7 +150,7 @@ def sweep_overrides(paths: DemoPaths, vocab_size: int, steps: int) -> list[str]:
     the budget ratio is the one that gives ``steps`` optimizer steps (the
     planner rounds tokens up to whole steps, hence the half step).
     """
-    from jobs.sweep.spec import load_spec
+    from jobs.sweep.spec_file import load_spec
     from titan_moe.model.accounting import describe
     from titan_moe.model.args import TitanMoEModelArgs
 

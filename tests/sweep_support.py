@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from jobs.sweep.spec import SweepSpec, load_spec
+from jobs.sweep.spec import SweepSpec
+from jobs.sweep.spec_file import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SPECS = REPO / "jobs" / "specs"

@@ -70,7 +70,7 @@ def test_heldout_files_read_back_through_eval(tmp_path):
 @pytest.mark.parametrize("steps", [1, 7, 150, 1000])
 def test_budget_override_plans_exactly_the_requested_steps(tmp_path, steps):
     from jobs.sweep.plan import build_plan
-    from jobs.sweep.spec import load_spec
+    from jobs.sweep.spec_file import load_spec
 
     paths = demo.DemoPaths(tmp_path, steps)
     overrides = demo.sweep_overrides(paths, vocab_size=985, steps=steps)

@@ -60,11 +60,11 @@ def _write_run(tmp_path: Path, dim: int = 32) -> Path:
 
 
 def _model(run_toml: Path, seed: int):
-    from eval.checkpoint import RunConfig
+    from eval.checkpoint import TrainedRunConfig
     from titan_moe.model.transformer import Transformer
 
     torch.manual_seed(seed)
-    model = Transformer(RunConfig.load(run_toml).model_args())
+    model = Transformer(TrainedRunConfig.load(run_toml).model_args())
     model.init_weights()
     with torch.no_grad():  # non-zero biases, so a load that skips buffers would show
         for name, buf in model.named_buffers():

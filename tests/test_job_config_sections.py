@@ -1,15 +1,18 @@
-"""The run config's [arch]/[moe] sections and the model's args declare the same keys and defaults.
+"""The run config's [arch]/[moe] sections are the model args' fields: declared once, defaults included.
 
-torchtitan's config parser needs its own dataclasses for these sections
-(``titan_moe.job_config``); this keeps them from drifting away from
-``titan_moe.model.args``, the single place that validates a design point.
+``titan_moe.job_config`` holds the section dataclasses (what torchtitan's
+parser reads); ``titan_moe.model.args`` subclasses them and only re-types the
+granularities, so a field added to a section reaches the model with its default.
 """
 
 from dataclasses import MISSING, fields
 from fractions import Fraction
 
+import pytest
+
 from titan_moe import job_config
-from titan_moe.model.args import MoEArgs, TitanMoEModelArgs, parse_fraction
+from titan_moe.errors import ConfigError
+from titan_moe.model.args import ExpertSetArgs, MoEArgs, TitanMoEModelArgs, parse_fraction
 
 
 def _defaults(cls) -> dict:
@@ -22,18 +25,46 @@ def _defaults(cls) -> dict:
     return out
 
 
-def test_arch_section_matches_model_args():
+def test_model_args_are_the_sections_subclassed():
+    assert issubclass(TitanMoEModelArgs, job_config.ArchConfig)
+    assert issubclass(MoEArgs, job_config.MoEConfig)
+    assert issubclass(ExpertSetArgs, job_config.ExpertSetConfig)
+    # Only what the model adds: the sequence length and the typed [moe].
+    arch = {f.name for f in fields(job_config.ArchConfig)}
+    assert {f.name for f in fields(TitanMoEModelArgs)} - arch == {"max_seq_len", "moe"}
+    assert {f.name for f in fields(MoEArgs)} == {f.name for f in fields(job_config.MoEConfig)}
+
+
+def test_defaults_agree_once_granularities_are_fractions():
     model = _defaults(TitanMoEModelArgs)
-    for name in ("moe", "max_seq_len", "_enforced"):
+    for name in ("moe", "max_seq_len"):
         model.pop(name)
-    assert _defaults(job_config.Arch) == model
-
-
-def test_moe_section_matches_moe_args():
-    section = _defaults(job_config.MoE)
-    model = _defaults(MoEArgs)
-    assert set(section) == set(model)
+    assert _defaults(job_config.ArchConfig) == model
+    section = _defaults(job_config.MoEConfig)
     section["generalist_granularity"] = parse_fraction(section["generalist_granularity"], "g")
-    assert section == model
-    assert {f.name for f in fields(job_config.ExpertSet)} == {"num_experts", "granularity", "top_k"}
-    assert parse_fraction(job_config.ExpertSet().granularity, "g") == Fraction(1)
+    assert section == _defaults(MoEArgs)
+    assert parse_fraction(job_config.ExpertSetConfig().granularity, "g") == Fraction(1)
+    # The built args carry the section's values, not a second set of defaults.
+    args = TitanMoEModelArgs.from_config(job_config.ArchConfig(dim=64), job_config.MoEConfig(capacity_policy="megablocks"), 32)
+    assert (args.dim, args.n_heads, args.max_seq_len, args.moe.capacity_policy) == (64, 4, 32, "megablocks")
+
+
+def test_decimal_granularities_snap_like_numbers():
+    sets = [{"num_experts": 6, "granularity": 0.3333333333333333, "top_k": 3}]
+    args = TitanMoEModelArgs.from_sections({"ffn_hidden": 96}, {"enabled": True, "expert_sets": sets}, 16)
+    assert args.moe.expert_sets[0].granularity == Fraction(1, 3)
+
+
+@pytest.mark.parametrize(
+    "arch, moe, field",
+    [
+        ({"dimm": 4}, {}, "arch.dimm"),
+        ({}, {"expert_sets": [{"num_experts": 4}]}, "moe.expert_sets[0].top_k"),
+        ({}, {"expert_sets": {"num_experts": 4}}, "moe.expert_sets"),
+        ({}, {"expert_sets": [3]}, "moe.expert_sets[0]"),
+    ],
+)
+def test_section_tables_are_checked_by_name(arch, moe, field):
+    with pytest.raises(ConfigError) as err:
+        TitanMoEModelArgs.from_sections(arch, moe, 16)
+    assert err.value.field == field

@@ -14,7 +14,7 @@ import yaml
 from jobs.sweep import cli
 from jobs.sweep.launch import eval_command, launch_k8s, launch_local, train_command
 from jobs.sweep.plan import build_plan, write_plan
-from jobs.sweep.spec import load_spec
+from jobs.sweep.spec_file import load_spec
 from titan_moe.errors import ConfigError
 from tests.sweep_support import SPECS, make_spec
 

@@ -10,7 +10,8 @@ import pytest
 
 from jobs.sweep import cli
 from jobs.sweep.plan import build_plan, write_plan
-from jobs.sweep.spec import OLMOE_SOURCES, load_spec
+from jobs.sweep.spec import OLMOE_SOURCES
+from jobs.sweep.spec_file import load_spec
 from titan_moe import describe as describe_cli
 from titan_moe.errors import ConfigError
 from tests.sweep_support import ARCH, SPECS, make_spec

@@ -19,6 +19,7 @@ import pytest
 
 from tests.distributed_utils import REPO, config, read_metrics, run_trainer_jobs, torchrun
 from titan_moe.model.accounting import describe
+from titan_moe.job_config import load_run_config
 from titan_moe.model.args import TitanMoEModelArgs
 
 pytestmark = pytest.mark.slow
@@ -223,7 +224,7 @@ def test_tensorboard_has_moe_metrics(two_rank_runs):
     assert values["lr"][2] == pytest.approx(3e-3)
 
     # MFU and TFLOP/s come from the model's FLOPs per token at [training].seq_len.
-    args = TitanMoEModelArgs.from_toml(config("tiny_moe"))
+    args = TitanMoEModelArgs.from_job_config(load_run_config(config("tiny_moe")))
     flops = describe(args, 64)["flops_per_token"]
     for step in (5, 20):
         tps = values["throughput(tps)"][step]

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args: argparse.Namespace) -> int:
     from jobs.sweep.plan import build_plan, summary, write_plan
-    from jobs.sweep.spec import load_spec
+    from jobs.sweep.spec_file import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     plan = build_plan(spec, args.out)

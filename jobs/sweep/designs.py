@@ -43,7 +43,9 @@ class InvalidDesign(ValueError):
 
 
 @dataclass(frozen=True)
-class ExpertSet:
+class DesignExpertSet:
+    """One resolved ``(n, g, k)`` set of a design; ``section()`` is its ``[moe].expert_sets`` table."""
+
     num_experts: int
     granularity: Fraction
     top_k: int
@@ -62,7 +64,7 @@ class Design:
     routing: RoutingSpec
     aux_loss_weight: float
     bias_update_rate: float
-    sets: list[ExpertSet] | None = None
+    sets: list[DesignExpertSet] | None = None
     invalid: str | None = None
 
     @property
@@ -93,7 +95,7 @@ def _integer(value: Fraction, message: str) -> int:
     return int(value)
 
 
-def resolve_sets(requests: list[SetRequest], generalist: Fraction, matching: str) -> list[ExpertSet]:
+def resolve_sets(requests: list[SetRequest], generalist: Fraction, matching: str) -> list[DesignExpertSet]:
     """The expert sets of a design under the matching rule; InvalidDesign when not integral."""
     sets = []
     if matching == "flop":
@@ -106,7 +108,7 @@ def resolve_sets(requests: list[SetRequest], generalist: Fraction, matching: str
                 rule = f"{where}top_k = share / g = {ff(share)} / {ff(r.granularity)}"
             k = _integer(share / r.granularity, rule)
             n = _integer(r.sparsity * k, f"{where}num_experts = sparsity x top_k = {ff(r.sparsity)} x {k}")
-            sets.append(ExpertSet(n, r.granularity, k))
+            sets.append(DesignExpertSet(n, r.granularity, k))
     else:
         shares = _shares(requests, generalist, "parameter")
         for i, (r, share) in enumerate(zip(requests, shares)):
@@ -117,7 +119,7 @@ def resolve_sets(requests: list[SetRequest], generalist: Fraction, matching: str
                 rule = f"{where}num_experts = share / g = {ff(share)} / {ff(r.granularity)}"
             n = _integer(share / r.granularity, rule)
             k = _integer(Fraction(n) / r.sparsity, f"{where}top_k = num_experts / sparsity = {n} / {ff(r.sparsity)}")
-            sets.append(ExpertSet(n, r.granularity, k))
+            sets.append(DesignExpertSet(n, r.granularity, k))
     return sets
 
 

@@ -1,9 +1,10 @@
 """The sweep spec: a YAML file naming the axes of a design-space study.
 
-A spec is read in three steps: ``extends`` chains are deep-merged (the child
-wins, lists are replaced), ``--set key.path=value`` overrides are applied, and
-the result is checked (``jobs.sweep.spec_check.parse_spec``) into the typed
-dataclasses below.  Every mistake raises ``ConfigError`` naming the field
+A spec is read (``jobs.sweep.spec_file.load_spec``) in three steps: ``extends``
+chains are deep-merged (the child wins, lists are replaced), ``--set
+key.path=value`` overrides are applied, and the result is checked
+(``jobs.sweep.spec_check.parse_spec``) into the typed dataclasses below, which
+this module only declares.  Every mistake raises ``ConfigError`` naming the field
 (``spec.moe.granularities[2]``) and the fix; nothing is planned from a spec
 that fails.
 
@@ -37,16 +38,10 @@ not study an axis show the points at its reference value.
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
-
-import yaml
-
-from titan_moe.errors import ConfigError
 
 MATCHING_MODES = ("flop", "equal_resources")
 BUDGET_BASES = ("dense", "point")
@@ -181,62 +176,3 @@ class SweepSpec:
 
     def learning_rates_for(self, scale: ScaleSpec) -> list[float]:
         return scale.learning_rates if scale.learning_rates is not None else self.learning_rates
-
-
-# --------------------------------------------------------------------------- loading
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
-    """Read, merge (``extends``), override (``key.path=value``) and validate a spec file."""
-    from jobs.sweep.spec_check import parse_spec
-
-    doc = _load_with_extends(Path(path), [])
-    for item in overrides or []:
-        apply_override(doc, item)
-    return parse_spec(doc)
-
-
-def _load_with_extends(path: Path, chain: list[Path]) -> dict[str, Any]:
-    path = path.resolve()
-    if path in chain:
-        cycle = " -> ".join(p.name for p in [*chain, path])
-        raise ConfigError("spec.extends", f"circular extends chain: {cycle}")
-    if not path.is_file():
-        where = f" (extended by {chain[-1].name})" if chain else ""
-        raise ConfigError("spec", f"spec file {str(path)!r} does not exist{where}")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError("spec", f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError("spec", f"{path} must hold a mapping at the top level, got {type(doc).__name__}")
-    parent = doc.pop("extends", None)
-    if parent is None:
-        return doc
-    if not isinstance(parent, str):
-        raise ConfigError("spec.extends", f"must be a file name relative to {path.name}, got {parent!r}")
-    return deep_merge(_load_with_extends(path.parent / parent, [*chain, path]), doc)
-
-
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``: mappings merge key by key, everything else (lists too) is replaced."""
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def apply_override(doc: dict[str, Any], item: str) -> None:
-    """``cluster.ep_degree=4`` or ``run.data.root=/tmp/mds``: the value is read as YAML."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError("--set", f"{item!r} is not KEY.PATH=VALUE (e.g. cluster.ep_degree=4)")
-    parts = key.strip().split(".")
-    node = doc
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}", f"spec.{'.'.join(parts[: i + 1])} is not a mapping")
-        node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""

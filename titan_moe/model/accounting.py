@@ -23,6 +23,7 @@ from torch import nn
 
 from titan_moe.model.args import TitanMoEModelArgs, format_fraction
 from titan_moe.model.moe import expert_sets
+from titan_moe.model.transformer import Transformer
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,6 @@ def flops_per_token(args: TitanMoEModelArgs, counts: ParamCounts, seq_len: int) 
 
 
 def build_on_meta(args: TitanMoEModelArgs) -> nn.Module:
-    from titan_moe.model.transformer import Transformer
-
     with torch.device("meta"):
         return Transformer(args)
 
