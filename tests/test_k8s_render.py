@@ -21,6 +21,7 @@ from jobs.k8s.cli import main as k8s_main
 from jobs.k8s.options import TORCHRUN_SHUTDOWN_TIMEOUT_S, max_name_length, name_from_stem
 from jobs.k8s.validate import KUBERNETES_VERSION, validate_dir, validate_object
 from tests.k8s_support import IMAGE, REPO, crd_path, load, trainer_pod, write_config
+from titan_moe.errors import ConfigError
 
 EXPECTED_FILES = {
     "configmap.yaml",
@@ -297,3 +298,21 @@ def test_dockerfile_base_matches_the_locked_torch():
     assert rules[0] == "*"
     allowed = {r[1:] for r in rules if r.startswith("!")}
     assert allowed == {"pyproject.toml", "uv.lock", "README.md", "titan_moe/", "data_prep/", "eval/", "jobs/"}
+
+
+def test_render_overrides_reach_trainer_and_eval_job(tmp_path):
+    """`k8s render RUN.toml ... -- --section.key value`: checked at render time, then passed on."""
+    out = tmp_path / "o"
+    render_run(write_config(tmp_path), 1, 2, IMAGE, out, overrides=["--training.steps", "7"])
+    words = _script_words(load(out / "jobset.yaml"))
+    config_at = words.index("--job.config_file")
+    assert words[config_at + 2: config_at + 4] == ["--training.steps", "7"]
+    # The renderer's cluster settings come after the user's, so they win.
+    assert words.index("--job.dump_folder") > config_at + 3
+    (container,) = load(out / "eval-job.yaml")["spec"]["template"]["spec"]["containers"]
+    command = [*container.get("command", []), *container.get("args", [])]
+    assert command[-3:] == ["--", "--training.steps", "7"]
+    with pytest.raises(ConfigError) as err:  # a bad override fails the render, naming the flag
+        render_run(write_config(tmp_path), 1, 2, IMAGE, tmp_path / "bad", overrides=["--training.stepz", "7"])
+    assert err.value.field == "RUN.toml" and "stepz" in str(err.value)
+    assert not (tmp_path / "bad").exists()

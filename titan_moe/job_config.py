@@ -7,7 +7,7 @@ dataclass defined here once (its field defaults are *the* defaults)::
     [moe]        MoE design point         MoEConfig       -> model.args.MoEArgs (a subclass)
     [data]       MDS mixture              data.config.DataConfig
     [synthetic]  toy token stream         data.synthetic.SyntheticConfig
-    [eval]       in-loop eval suite       InLoopEvalConfig
+    [eval]       in-loop eval suite       InLoopEval
     [training]   + dataset default        TrainingExtras  (merged into torchtitan's [training])
     [metrics]    + peak_tflops, jsonl     MetricsExtras   (merged into torchtitan's [metrics])
     [checkpoint] + preemption settings    CheckpointExtras (merged into torchtitan's [checkpoint])
@@ -160,7 +160,7 @@ class CheckpointExtras:
 
 
 @dataclass
-class InLoopEvalConfig:
+class InLoopEval:
     """The ``[eval]`` section: a suite scored every ``freq`` steps during training (see eval.inloop)."""
 
     tasks: str = ""
@@ -202,7 +202,7 @@ class JobConfig:
     training: TrainingExtras = field(default_factory=TrainingExtras)
     metrics: MetricsExtras = field(default_factory=MetricsExtras)
     checkpoint: CheckpointExtras = field(default_factory=CheckpointExtras)
-    eval: InLoopEvalConfig = field(default_factory=InLoopEvalConfig)
+    eval: InLoopEval = field(default_factory=InLoopEval)
 
 
 # -- dict -> section ------------------------------------------------------------------
