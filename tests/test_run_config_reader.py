@@ -22,7 +22,7 @@ from tests.mds_streams import write_prep_output
 from tests.sweep_support import SPECS
 from titan_moe import bench, describe, launch
 from titan_moe.errors import ConfigError
-from titan_moe.job_config import load_run_config
+from titan_moe.job_config import load_run_config, parse_run_config
 from titan_moe.model.accounting import describe as describe_model
 from titan_moe.model.args import TitanMoEModelArgs
 from titan_moe.preflight import check_run
@@ -132,6 +132,8 @@ def test_train_passes_what_follows_the_separator_to_the_trainer(capsys):
     cmd = capsys.readouterr().out.split()
     assert "--" not in cmd
     assert cmd[-6:] == ["-m", "titan_moe.train", "--job.config_file", path, "--training.steps", "5"]
+    # torchrun -m titan_moe.train on a cluster reads the same argv, with or without the separator.
+    assert parse_run_config(["--job.config_file", path, "--", "--training.steps", "5"]).training.steps == 5
 
 
 @pytest.mark.slow

@@ -313,7 +313,8 @@ def parse_run_config(argv: list[str]) -> Any:
     is "mds" when ``[data].root`` is set) and raises ConfigError for a file that does
     not exist or parse, and for an override torchtitan's parser rejects.
     """
-    argv = list(argv)
+    own, after = split_overrides(list(argv))  # `python -m titan_moe.train --job.config_file X -- ...` too
+    argv = [*own, *after]
     check_overrides([w for w in argv if w not in ("--job.config_file", "--job.config-file")])
     manager = RunConfigManager()
     try:
