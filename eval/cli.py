@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from titan_moe import job_config
+from titan_moe.overrides import parse_args_and_overrides
 from titan_moe.errors import ConfigError
 from titan_moe.infra.torchrun import torchrun_command, torchrun_env
 
@@ -98,7 +98,7 @@ def read_config(argv: list[str]) -> Any:
     """The run config `titan-moe eval ARGV` rebuilds the checkpoint's model from."""
     from eval.checkpoint import TrainedRunConfig
 
-    args, overrides = job_config.parse_command_line(build_parser(), argv)
+    args, overrides = parse_args_and_overrides(build_parser(), argv)
     if not args.config:
         raise ConfigError("--config", "no run config given")
     return TrainedRunConfig.load(args.config, overrides).job
@@ -107,7 +107,7 @@ def read_config(argv: list[str]) -> Any:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args, overrides = job_config.parse_command_line(build_parser(), argv)
+        args, overrides = parse_args_and_overrides(build_parser(), argv)
         return _run(args, overrides, argv)
     except ConfigError as exc:
         print(f"titan-moe eval: {exc}", file=sys.stderr)

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from titan_moe import job_config
+from titan_moe.job_config import load_run_config
+from titan_moe.overrides import parse_args_and_overrides
 from titan_moe.infra.torchrun import torchrun_command, torchrun_env
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -93,10 +94,10 @@ def build_parser(gpu: bool, gpus: int) -> argparse.ArgumentParser:
 
 def read_command_line(argv: list[str], gpu: bool, gpus: int):
     """(options, config path, output folder, user overrides, the parsed run config of the titan_moe run)."""
-    args, extra = job_config.parse_command_line(build_parser(gpu, gpus), argv)
+    args, extra = parse_args_and_overrides(build_parser(gpu, gpus), argv)
     config = resolve_config(args.config)
     out = Path(args.out or Path("outputs") / "bench" / config.stem)
-    run = job_config.load_run_config(config, [*bench_overrides(args.steps, out / "titan_moe"), *extra])
+    run = load_run_config(config, [*bench_overrides(args.steps, out / "titan_moe"), *extra])
     return args, config, out, extra, run
 
 

@@ -13,8 +13,8 @@ import sys
 from typing import Any
 
 from titan_moe.errors import ConfigError
-from titan_moe import job_config
 from titan_moe.job_config import load_run_config
+from titan_moe.overrides import parse_args_and_overrides
 from titan_moe.model.accounting import describe
 from titan_moe.model.args import TitanMoEModelArgs
 
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    return job_config.parse_command_line(build_parser(), argv)
+    return parse_args_and_overrides(build_parser(), argv)
 
 
 def read_config(argv: list[str]) -> Any:

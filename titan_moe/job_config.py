@@ -21,7 +21,7 @@ is the only way a command turns a run TOML into a config: ``titan-moe train``
 (and ``python -m titan_moe.train`` on every rank), ``describe``, ``eval``,
 ``bench``, ``k8s render`` and the sweep planner's checks all call it, with the
 same ``--section.key value`` overrides (after the usual ``--`` or mixed in with
-the command's own flags, see ``split_overrides``).  torchtitan merges this
+the command's own flags, see ``titan_moe.overrides``).  torchtitan merges this
 module's ``JobConfig`` into its own (``[job].custom_config_module =
 "titan_moe.job_config"`` names it for plain torchtitan; ``RunConfigManager``
 always merges it).  Unknown keys anywhere fail naming the key
@@ -38,7 +38,6 @@ model args, which subclass these dataclasses, pick it up.  Validate it in
 
 # No ``from __future__ import annotations``: torchtitan's ConfigManager inspects
 # field types at runtime (dataclasses.is_dataclass(field.type)) to merge sections.
-import argparse
 import contextlib
 import functools
 import io
@@ -53,6 +52,7 @@ from torchtitan.config import JobConfig as TorchTitanJobConfig
 from titan_moe.data.config import DataConfig
 from titan_moe.data.synthetic import SyntheticConfig
 from titan_moe.errors import ConfigError
+from titan_moe.overrides import check_overrides, split_overrides
 
 MODEL_NAME = "titan_moe"
 """``[model].name`` of every titan-moe run config."""
@@ -274,36 +274,6 @@ def _root_from_dict(cls: type, data: dict) -> Any:
         if section not in known:
             raise ConfigError(section, f"unknown section; valid sections: {', '.join(sorted(known))}")
     return cls(**{k: section_from_dict(known[k], v, k) if is_dataclass(known[k]) else v for k, v in data.items()})
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``[own args...] -- [--section.key value ...]`` -> (own args, overrides after ``--``)."""
-    if "--" in argv:
-        i = argv.index("--")
-        return list(argv[:i]), list(argv[i + 1:])
-    return list(argv), []
-
-
-def check_overrides(overrides: list[str]) -> None:
-    """Every flag in ``overrides`` must look like ``--section.key`` (a typo'd command flag would
-    otherwise reach torchtitan's parser and fail with its whole usage text)."""
-    for word in overrides:
-        if word.startswith("--") and "." not in word.split("=", 1)[0]:
-            raise ConfigError(word, "is not an option of this command nor a run-config override "
-                              "(--section.key value, e.g. --training.steps 100)")
-
-
-def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """A command's own options and its run-config overrides, the same way for every command.
-
-    Overrides follow ``--`` or mix with the command's options (whatever ``parser``
-    does not know); either way each must be a ``--section.key`` flag.
-    """
-    own, after = split_overrides(argv)
-    args, mixed = parser.parse_known_args(own)
-    overrides = [*mixed, *after]
-    check_overrides(overrides)
-    return args, overrides
 
 
 def parse_run_config(argv: list[str]) -> Any:

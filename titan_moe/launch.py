@@ -21,8 +21,7 @@ from typing import Any
 
 from titan_moe.errors import ConfigError
 from titan_moe.infra.torchrun import torchrun_command, torchrun_env
-from titan_moe import job_config
-from titan_moe.job_config import load_run_config
+from titan_moe.overrides import parse_args_and_overrides
 
 TRAIN_MODULE = "titan_moe.train"
 
@@ -60,17 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    return job_config.parse_command_line(build_parser(), argv)
+    return parse_args_and_overrides(build_parser(), argv)
 
 
 def read_config(argv: list[str]) -> Any:
     """The run config ``titan-moe train ARGV`` trains (what every rank parses)."""
+    from titan_moe.job_config import load_run_config  # torch and torchtitan: not for --help
+
     args, overrides = parse_command_line(argv)
     return load_run_config(args.config, overrides)
 
 
 def check(config: str, nproc: int, overrides: list[str]) -> None:
     """Raise ConfigError if the run cannot work on ``nproc`` processes."""
+    from titan_moe.job_config import load_run_config
     from titan_moe.preflight import check_run
 
     if nproc < 1:

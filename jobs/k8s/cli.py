@@ -11,6 +11,7 @@ import sys
 
 from jobs.k8s.options import RenderOptions
 from titan_moe.errors import ConfigError
+from titan_moe.overrides import parse_args_and_overrides
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,19 +94,15 @@ def _validate(args: argparse.Namespace) -> int:
 def read_config(argv: list[str]):
     """The run config ``titan-moe k8s render ARGV`` checks and ships (what every trainer rank parses)."""
     from jobs.k8s.runconfig import check_run_config
-    from titan_moe.job_config import parse_command_line
 
-    args, overrides = parse_command_line(_parser(), argv)
+    args, overrides = parse_args_and_overrides(_parser(), argv)
     return check_run_config(args.config, args.nodes, args.gpus_per_node, overrides).job
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Imported here: it pulls in torch/torchtitan, which `--help` should not pay for.
-    from titan_moe.job_config import parse_command_line
-
     parser = _parser()
     try:
-        args, overrides = parse_command_line(parser, list(sys.argv[1:] if argv is None else argv))
+        args, overrides = parse_args_and_overrides(parser, list(sys.argv[1:] if argv is None else argv))
     except ConfigError as exc:
         print(f"titan-moe k8s: {exc}", file=sys.stderr)
         return 2
