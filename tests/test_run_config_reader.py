@@ -189,3 +189,17 @@ def test_bad_data_root_fails_before_launch(tmp_path, capsys):
     status = launch.main([str(path), "--nproc", "2", "--", "--data.root", str(missing), "--job.dump_folder", str(dump)])
     assert status == 2 and "data.root" in capsys.readouterr().err
     assert not dump.exists()
+
+
+def test_train_spec_holds_no_run_state():
+    """torchtitan's model-args table builds each run's args from that run's config (no module global)."""
+    from titan_moe import train_spec
+
+    table = train_spec.get_train_spec().model_args
+    dense, moe = table["any flavor"], table["any flavor"]
+    assert dense is not moe
+    dense.update_from_config(load_run_config(config("tiny_dense")))
+    moe.update_from_config(load_run_config(config("tiny_moe"), ["--training.seq_len", "32"]))
+    assert (dense.args.moe.enabled, moe.args.moe.enabled, moe.args.max_seq_len) == (False, True, 32)
+    # What torchtitan logs: JSON-safe, granularities as written.
+    assert json.loads(json.dumps(moe.summary))["moe"]["expert_sets"][0]["granularity"] == "1/4"

@@ -37,7 +37,7 @@ from titan_moe.model.args import TitanMoEModelArgs
 from titan_moe.model.moe import expert_sets, update_expert_biases
 from titan_moe.model.transformer import Transformer
 from titan_moe.infra.parallelize import parallelize_titan_moe
-from titan_moe.preflight import MODEL_NAME
+from titan_moe.job_config import MODEL_NAME
 
 
 def _json_safe(value: Any) -> Any:
