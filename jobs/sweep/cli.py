@@ -1,6 +1,7 @@
 """``titan-moe sweep plan|launch|collect|plot``.
 
-    titan-moe sweep plan SPEC.yaml --out DIR [--set key.path=value ...] [--force]
+    titan-moe sweep plan SPEC.yaml --out DIR [--set key.path=value ...] [--mfu F] [--peak-tflops P] [--force]
+    titan-moe sweep cost SPEC.yaml [SPEC.yaml ...] [--set ...] [--mfu F] [--peak-tflops P]
     titan-moe sweep launch DIR --local [--nproc N] [--only GLOB] [--eval-tasks T [--eval-arg ARG ...]] [--dry-run]
     titan-moe sweep launch DIR --k8s --image IMAGE [--nodes N] [--gpus-per-node G] [--queue Q] [--only GLOB]
     titan-moe sweep collect DIR
@@ -27,6 +28,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a spec value, e.g. --set cluster.ep_degree=4 --set run.data.root=/data/mds")
     p.add_argument("--force", action="store_true", help="replace configs of points that already finished")
     p.add_argument("--quiet", action="store_true", help="do not list the invalid points")
+    _cost_flags(p)
+
+    cp = sub.add_parser("cost", help="GPU-hours per study and scale, without writing anything")
+    cp.add_argument("specs", nargs="+", help="sweep spec YAML files (e.g. jobs/specs/*.yaml)")
+    cp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override a value of every spec")
+    _cost_flags(cp)
 
     lp = sub.add_parser("launch", help="run the points locally (resumable) or render Kubernetes manifests")
     lp.add_argument("dir", help="a directory written by `titan-moe sweep plan`")
@@ -58,22 +66,60 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cost_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mfu", type=float, help="model FLOPs utilisation for the GPU-hour estimate "
+                   "(default: the spec's cluster.mfu, 0.35 in the paper's specs)")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per GPU (default: the spec's cluster.peak_tflops, "
+                   "989 = H100/H200 dense bf16)")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """--set values, then --mfu/--peak-tflops as the cluster overrides they are."""
+    extra = [f"cluster.mfu={args.mfu!r}"] if args.mfu is not None else []
+    extra += [f"cluster.peak_tflops={args.peak_tflops!r}"] if args.peak_tflops is not None else []
+    return [*args.overrides, *extra]
+
+
 def _plan(args: argparse.Namespace) -> int:
-    from jobs.sweep.plan import build_plan, summary, write_plan
+    from jobs.sweep.cost import COST_COLUMNS, cost_rows, format_table
+    from jobs.sweep.plan import atomic_write, build_plan, csv_text, summary, write_plan
     from jobs.sweep.spec import load_spec
 
-    spec = load_spec(args.spec, args.overrides)
+    spec = load_spec(args.spec, _overrides(args))
     plan = build_plan(spec, args.out)
     out = write_plan(plan, args.out, force=args.force)
     s = summary(plan)
+    costs = cost_rows(plan)
+    atomic_write(out / "cost.csv", csv_text(costs, COST_COLUMNS))
     print(f"planned {s['points']} points ({s['dense']} dense, {s['moe']} MoE) of sweep '{spec.name}' into {out}")
     print(f"  total training compute {s['train_flops']:.3e} FLOPs = {s['gpu_hours']:,.4g} GPU-hours "
           f"at MFU {spec.cluster.mfu:g} of {spec.cluster.peak_tflops:g} TFLOP/s")
+    print(format_table(costs, spec.cluster.mfu, spec.cluster.peak_tflops))
     if plan.invalid:
         print(f"  skipped {s['invalid_points']} invalid points ({s['invalid_designs']} designs); see {out / 'invalid.csv'}")
         if not args.quiet:
             for row in plan.invalid:
                 print(f"    {row['name']}: {row['reason']}")
+    return 0
+
+
+def _cost(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from jobs.sweep.cost import cost_rows, format_table
+    from jobs.sweep.plan import build_plan
+    from jobs.sweep.spec import load_spec
+
+    rows, assumptions = [], set()
+    with tempfile.TemporaryDirectory() as scratch:  # build_plan only names paths under it
+        for path in args.specs:
+            spec = load_spec(path, _overrides(args))
+            assumptions.add((spec.cluster.mfu, spec.cluster.peak_tflops))
+            rows += cost_rows(build_plan(spec, scratch))
+    if len(assumptions) > 1:  # one header must be true for every row
+        raise ConfigError("--mfu", "the specs assume different cluster.mfu / peak_tflops; pass --mfu and --peak-tflops")
+    mfu, peak = assumptions.pop()
+    print(format_table(rows, mfu, peak))
     return 0
 
 
@@ -128,7 +174,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    handler = {"plan": _plan, "launch": _launch, "collect": _collect, "plot": _plot}[args.command]
+    handler = {"plan": _plan, "cost": _cost, "launch": _launch, "collect": _collect, "plot": _plot}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:
