@@ -43,17 +43,16 @@ def test_plan_prints_and_writes_the_cost_table_and_mfu_flags_override_the_spec(t
     assert int(written[-1]["train_flops"]) == FLOPS and float(written[-1]["gpu_hours"]) == pytest.approx(hours)
 
 
-def test_cost_lists_one_block_per_study_without_writing(tmp_path, capsys):
+def test_cost_lists_one_block_per_study_at_one_stated_mfu_without_writing(tmp_path, capsys):
     a = write_spec(tmp_path, spec_doc(budget={"tokens": 1280}), "a.yaml")
-    b = write_spec(tmp_path, spec_doc(name="b", budget={"tokens": 2560}), "b.yaml")
-    assert cli.main(["cost", str(a), str(b), "--mfu", "0.5", "--peak-tflops", "100"]) == 0
+    b = write_spec(tmp_path, spec_doc(name="b", budget={"tokens": 2560}, cluster={"mfu": 0.9}), "b.yaml")
+    base = write_spec(tmp_path, {"cluster": {"mfu": 0.5}}, "base.yaml")  # a shared base: no name
+    assert cli.main(["cost", str(a), str(b), str(base)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("cost at MFU 0.5 of 100 TFLOP/s")
-    totals = {line.split()[0]: line.split() for line in lines[2:] if line.split()[1] == "all"}
+    assert lines[0] == f"note: skipped {base}: a shared base for `extends` (no name), not a study"
+    # the flag's default (0.35 of 989 TFLOP/s) holds for every study, whatever its spec says
+    assert lines[1].startswith("cost at MFU 0.35 of 989 TFLOP/s")
+    totals = {line.split()[0]: line.split() for line in lines[3:] if line.split()[1] == "all"}
     assert totals["t"][6] == f"{FLOPS:.3e}" and totals["b"][6] == f"{2 * FLOPS:.3e}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.yaml", "b.yaml"]
-
-    # different cost assumptions in the specs, no flag to settle them: refused
-    c = write_spec(tmp_path, spec_doc(name="c", cluster={"mfu": 0.3}), "c.yaml")
-    assert cli.main(["cost", str(a), str(c)]) == 2
-    assert "pass --mfu and --peak-tflops" in capsys.readouterr().err
+    assert totals["b"][7] == f"{2 * FLOPS / (0.35 * 989e12) / 3600:.4g}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.yaml", "b.yaml", "base.yaml"]

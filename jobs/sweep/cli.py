@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("specs", nargs="+", help="sweep spec YAML files (e.g. jobs/specs/*.yaml)")
     cp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="override a value of every spec")
-    _cost_flags(cp)
+    cp.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation, the same for every study (default 0.35)")
+    cp.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="peak TFLOP/s per GPU (default 989 = H100/H200 dense bf16)")
 
     lp = sub.add_parser("launch", help="run the points locally (resumable) or render Kubernetes manifests")
     lp.add_argument("dir", help="a directory written by `titan-moe sweep plan`")
@@ -110,16 +112,17 @@ def _cost(args: argparse.Namespace) -> int:
     from jobs.sweep.plan import build_plan
     from jobs.sweep.spec import load_spec
 
-    rows, assumptions = [], set()
+    import yaml
+
+    rows = []
     with tempfile.TemporaryDirectory() as scratch:  # build_plan only names paths under it
         for path in args.specs:
-            spec = load_spec(path, _overrides(args))
-            assumptions.add((spec.cluster.mfu, spec.cluster.peak_tflops))
-            rows += cost_rows(build_plan(spec, scratch))
-    if len(assumptions) > 1:  # one header must be true for every row
-        raise ConfigError("--mfu", "the specs assume different cluster.mfu / peak_tflops; pass --mfu and --peak-tflops")
-    mfu, peak = assumptions.pop()
-    print(format_table(rows, mfu, peak))
+            doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
+            if isinstance(doc, dict) and "name" not in doc and "extends" not in doc:
+                print(f"note: skipped {path}: a shared base for `extends` (no name), not a study")
+                continue
+            rows += cost_rows(build_plan(load_spec(path, _overrides(args)), scratch))
+    print(format_table(rows, args.mfu, args.peak_tflops))
     return 0
 
 
