@@ -161,7 +161,7 @@ def test_more_data_draws_one_panel_per_budget_with_its_dense_baseline(tmp_path):
     assert cli.main(["plot", str(plan_dir)]) == 0
     data = figure(plan_dir / "plots", "more_data_tiny")
     low, high = data["panels"]
-    assert (low["title"], high["title"]) == ("1.28e+03 training tokens (x1)", "5.12e+03 training tokens (x4)")
+    assert (low["title"], high["title"]) == ("1,280 training tokens (x1)", "5,120 training tokens (x4)")
     # dense: 3.5 - 0.25 (m - 1) + 0.005; MoE g = 1/4: 3.25 + 0.1/s + 0.001 - 0.5 (m - 1) + 0.005
     assert low["reference_lines"] == {"dense baseline": pytest.approx(3.505)}
     assert high["reference_lines"] == {"dense baseline": pytest.approx(2.755)}

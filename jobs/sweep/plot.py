@@ -204,8 +204,10 @@ def _scale_figures(f: _Figures, scale: str, mine: list[dict[str, Any]], refs: di
         def route(r):
             return r["granularity_value"], r["routing_label"] + (f", sparsity {r['sparsity']}" if many_sparsities else "")
 
-        panels = [Panel(f"dropless vs token dropping ({scale})", gx, f.ylabel, _series(routing, route), dense,
-                        xfractions=True)]
+        lines = _series(routing, route)
+        dropping = {label for label in lines if not label.startswith("dropless")}
+        panels = [Panel(f"dropless vs token dropping ({scale})", gx, f.ylabel, lines, dense, xfractions=True,
+                        dashed=dropping)]
         dropped = _series([r for r in routing if r["routing"] == "capacity"], route, "moe_dropped_fraction")
         if dropped:
             panels.append(Panel("dropped token-slots", gx, "dropped fraction (mean of last 50 steps)", dropped,
@@ -225,9 +227,10 @@ def _scale_figures(f: _Figures, scale: str, mine: list[dict[str, Any]], refs: di
                 return r["sparsity_value"], f"heterogeneous {r['granularity']}" + ("" if equal else f" (shares {shares})")
             return r["sparsity_value"], f"homogeneous {r['granularity']}"
 
+        lines = _series(mixed, family)
         f.add(f"heterogeneous_vs_homogeneous_{scale}",
               [Panel(f"heterogeneous vs homogeneous ({scale})", "sparsity (total / active expert parameters)",
-                     f.ylabel, _series(mixed, family), dense)],
+                     f.ylabel, lines, dense, dashed={label for label in lines if label.startswith("hetero")})],
               "Heterogeneous layers (two expert sets of different granularity) vs homogeneous, FLOP-matched",
               _fixed(refs))
     else:
@@ -274,13 +277,20 @@ def _more_data(f: _Figures, scale: str, mine: list[dict[str, Any]], refs: dict[s
     for m in multiples:
         rows = [r for r in budgets if r["token_multiple"] == m]
         tokens = rows[0].get("tokens")
-        title = f"{tokens:.3g} training tokens (x{m:g})" if tokens else f"budget x{m:g}"
+        title = f"{_tokens_label(tokens)} training tokens (x{m:g})" if tokens else f"budget x{m:g}"
         panels.append(Panel(title, "sparsity (total / active expert parameters)", f.ylabel,
                             _series(rows, lambda r: (r["sparsity_value"], f"granularity {r['granularity']}")),
                             _dense(mine, m)))
     f.add(f"more_data_{scale}", panels,
           "MoE vs dense at each token budget: FLOP-matched MoEs against the dense baseline of the same budget",
           _fixed(refs, ("token_multiple",)))
+
+
+def _tokens_label(tokens: float) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M")):
+        if tokens >= scale:
+            return f"{tokens / scale:.3g}{suffix}"
+    return f"{tokens:,.0f}"
 
 
 def make_figures(rows: list[dict[str, Any]], out_dir: Path, spec: str = "", metric: str = "auto",

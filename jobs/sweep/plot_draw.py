@@ -35,6 +35,8 @@ class Panel:
     """"log2" (granularity, experts, sparsity) or "category" (evenly spaced x values, e.g. gamma = 0)."""
     xfractions: bool = False
     """Label x ticks as fractions (granularity 1/64)."""
+    dashed: set[str] = field(default_factory=set)
+    """Series drawn dashed with square markers (the variant next to the solid baselines)."""
 
 
 def fraction_label(value: float) -> str:
@@ -47,7 +49,8 @@ def _draw_panel(ax, panel: Panel) -> None:
     position = {x: i for i, x in enumerate(xs)} if panel.xscale == "category" else {x: x for x in xs}
     for label, points in panel.series.items():
         points = sorted(points)
-        ax.plot([position[x] for x, _ in points], [y for _, y in points], marker="o", label=label)
+        style = {"linestyle": "--", "marker": "s"} if label in panel.dashed else {"marker": "o"}
+        ax.plot([position[x] for x, _ in points], [y for _, y in points], label=label, **style)
     for i, (label, y) in enumerate(panel.reference_lines.items()):
         ax.axhline(y, color="black", linestyle=("--", ":", "-.")[i % 3], linewidth=1.2, label=label)
     if panel.xscale == "log2":
@@ -55,13 +58,22 @@ def _draw_panel(ax, panel: Panel) -> None:
     ax.set_xticks([position[x] for x in xs])
     ax.set_xticklabels([fraction_label(x) if panel.xfractions else f"{x:g}" for x in xs])
     ax.minorticks_off()
+    if len(xs) > 8:  # e.g. 1 .. 16384 experts: upright labels would run into each other
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
     if panel.xscale == "category" and xs:
         ax.set_xlim(-0.5, len(xs) - 0.5)
     ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel)
     ax.set_title(panel.title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    if _legend_outside(panel):  # many lines: a legend inside would cover them
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=7)
+
+
+def _legend_outside(panel: Panel) -> bool:
+    return len(panel.series) + len(panel.reference_lines) > 5
 
 
 def draw(panels: list[Panel], *, out_dir: Path, stem: str, spec: str, caption: str) -> list[Path]:
@@ -71,7 +83,7 @@ def draw(panels: list[Panel], *, out_dir: Path, stem: str, spec: str, caption: s
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
-    width = 5.2 * len(panels) + 0.6
+    width = sum(7.0 if _legend_outside(p) else 5.2 for p in panels) + 0.6
     fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         _draw_panel(ax, panel)
