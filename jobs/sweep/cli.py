@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("collect", help="gather losses, eval results and MoE health into results.{csv,md}")
     c.add_argument("dir")
 
-    pl = sub.add_parser("plot", help="draw the paper's figures from results.csv (PNG + SVG)")
+    pl = sub.add_parser("plot", help="draw the paper's figures from results.csv (PNG + SVG + JSON series)")
     pl.add_argument("dir")
     pl.add_argument("--results", help="results CSV (default DIR/results.csv)")
     pl.add_argument("--out", help="figure directory (default DIR/plots)")
@@ -169,7 +169,7 @@ def _plot(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}")
     pngs = [p for p in written if p.suffix == ".png"]
-    print(f"wrote {len(pngs)} figures (PNG + SVG) into {pngs[0].parent if pngs else args.out or Path(args.dir) / 'plots'}")
+    print(f"wrote {len(pngs)} figures (PNG + SVG + JSON series) into {pngs[0].parent if pngs else args.out or Path(args.dir) / 'plots'}")
     for p in pngs:
         print(f"  {p.stem}")
     return 0
