@@ -234,3 +234,29 @@ def test_mini_spec_plans_points_the_trainer_accepts_on_two_processes(tmp_path):
         assert job.training.seq_len == 64 and job.training.steps <= 60
         assert job.training.global_batch_size == job.training.local_batch_size * mesh.dp
         assert job.job.dump_folder == str(out / "points" / row["name"])
+
+
+def test_budget_counts_all_active_params_or_a_fixed_token_budget(tmp_path):
+    # params: active -> 20 x (45344 non-embedding + 384 x 32 embedding = 57632) tokens for every point of the scale
+    plan = build_plan(make_spec(tmp_path, budget={"tokens_per_param": 20, "params": "active"}), tmp_path / "a")
+    dense = next(p.row for p in plan.points if p.row["kind"] == "dense")
+    assert dense["active_params"] == 45344 + 384 * 32 == 57632
+    assert {p.row["steps"] for p in plan.points} == {math.ceil(20 * 57632 / BATCH_TOKENS)} == {9005}
+    # a fixed budget in tokens, times each multiple, rounded up to whole steps
+    plan = build_plan(make_spec(tmp_path, budget={"tokens": 1000, "multiples": [1, 3]}), tmp_path / "b")
+    assert {(p.row["token_multiple"], p.row["steps"], p.row["tokens"]) for p in plan.points} == {
+        (1.0, 8, 1024), (3.0, 24, 3072)}  # ceil(1000 / 128) = 8, ceil(3000 / 128) = 24
+
+
+def test_megablocks_capacity_policy_reaches_the_run_config_and_the_point_name(tmp_path):
+    routing = [{"mode": "capacity", "capacity_factor": 1.0, "capacity_policy": "megablocks"},
+               {"mode": "capacity", "capacity_factor": 1.0}]
+    out = tmp_path / "plan"
+    plan = build_plan(make_spec(tmp_path, moe={"granularities": ["1"], "sparsities": [2], "routing": routing}), out)
+    write_plan(plan, out)
+    rows = {p.row["name"]: p.row for p in plan.points if p.row["kind"] == "moe"}
+    assert sorted(rows) == ["tiny_g1_s2_cap1", "tiny_g1_s2_cap1_megablocks"]
+    for name, policy in (("tiny_g1_s2_cap1", "priority"), ("tiny_g1_s2_cap1_megablocks", "megablocks")):
+        moe = _config(out, rows[name])["moe"]
+        assert (moe["routing"], moe["capacity_factor"], moe["capacity_policy"]) == ("capacity", 1.0, policy)
+        assert rows[name]["capacity_policy"] == policy

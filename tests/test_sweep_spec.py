@@ -36,6 +36,12 @@ def _with(path: str, value):
         (_with("moe.granularities", ["1/2", "0.5"]), "spec.moe.granularities", ["1/2 twice"]),
         (_with("moe.routing", [{"mode": "capacity"}]), "spec.moe.routing[0].capacity_factor", ["required", "1.25"]),
         (_with("moe.routing", ["token-choice"]), "spec.moe.routing[0].mode", ["'token-choice'", "dropless, capacity"]),
+        (_with("moe.routing", [{"mode": "capacity", "capacity_factor": 1.0, "capacity_policy": "position"}]),
+         "spec.moe.routing[0].capacity_policy", ["'position'", "priority, megablocks"]),
+        (_with("moe.routing", [{"mode": "dropless", "capacity_policy": "megablocks"}]),
+         "spec.moe.routing[0].capacity_policy", ["only applies to mode: capacity"]),
+        (_with("budget.tokens", 1000), "spec.budget.tokens", ["not both", "sets it to null"]),
+        (_with("budget.params", "total"), "spec.budget.params", ["non_embedding_active, active"]),
         (_with("moe.heterogeneous", [[{"granularity": "1/2", "sparsity": 8}]]), "spec.moe.heterogeneous[0]", [">= 2 sets"]),
         (_with("moe.heterogeneous", [[{"granularity": "1/2", "sparsity": 8, "share": "1/2"},
                                       {"granularity": "1/8", "sparsity": 8}]]),
@@ -106,7 +112,7 @@ def test_cli_reports_a_bad_spec_with_exit_2(tmp_path, capsys):
 
 def test_shipped_specs_load_and_are_named_after_their_files():
     names = sorted(p.stem for p in SPECS.glob("*.yaml"))
-    for required in ("main_grid", "heterogeneous", "generalist", "dropless_vs_capacity", "load_balancing",
+    for required in ("main_grid", "heterogeneous", "generalist", "dropless_vs_default", "load_balancing",
                      "equal_resources", "mini"):
         assert required in names
     for path in SPECS.glob("*.yaml"):
@@ -115,7 +121,9 @@ def test_shipped_specs_load_and_are_named_after_their_files():
         spec = load_spec(path)
         assert spec.name == path.stem
     assert load_spec(SPECS / "equal_resources.yaml").matching == "equal_resources"
-    assert len(load_spec(SPECS / "heterogeneous.yaml").moe.heterogeneous) == 5
+    assert len(load_spec(SPECS / "heterogeneous.yaml").moe.heterogeneous) == 16  # Table 3: 4 pairs x 4 sparsities
+    fixed = load_spec(SPECS / "more_data_10m.yaml").budget  # tokens_per_param: null lifts the base's ratio
+    assert (fixed.tokens, fixed.multiples) == (200_000_000, [1.0, 20.0])
 
 
 def test_toml_writer_round_trips_run_config_shapes():

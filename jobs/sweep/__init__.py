@@ -3,10 +3,11 @@
     titan-moe sweep plan SPEC.yaml --out DIR     # one run TOML per point + index.{csv,json}
     titan-moe sweep launch DIR --local | --k8s   # run / render every point (resumable)
     titan-moe sweep collect DIR                  # results.{csv,md}
-    titan-moe sweep plot DIR                     # the paper's figures (PNG + SVG)
+    titan-moe sweep plot DIR                     # the paper's figures (PNG + SVG + JSON series)
+    titan-moe sweep cost SPEC...                 # GPU-hours per study and scale
 
 Modules: ``spec`` (the typed spec, YAML loading), ``spec_check`` (its validation), ``designs`` (the
 top-k / expert-count rules that turn axes into expert sets), ``plan`` (budgets,
-run configs, the index), ``tomlw`` (a small TOML writer), ``launch``,
-``collect``, ``plot``, ``cli``.
+run configs, the index), ``cost`` (GPU-hours per study), ``tomlw`` (a small TOML
+writer), ``launch``, ``collect``, ``plot`` (figure data) and ``plot_draw`` (rendering), ``cli``.
 """

@@ -1,6 +1,7 @@
 """``titan-moe sweep plan|launch|collect|plot``.
 
-    titan-moe sweep plan SPEC.yaml --out DIR [--set key.path=value ...] [--force]
+    titan-moe sweep plan SPEC.yaml --out DIR [--set key.path=value ...] [--mfu F] [--peak-tflops P] [--force]
+    titan-moe sweep cost SPEC.yaml [SPEC.yaml ...] [--set ...] [--mfu F] [--peak-tflops P]
     titan-moe sweep launch DIR --local [--nproc N] [--only GLOB] [--eval-tasks T [--eval-arg ARG ...]] [--dry-run]
     titan-moe sweep launch DIR --k8s --image IMAGE [--nodes N] [--gpus-per-node G] [--queue Q] [--only GLOB]
     titan-moe sweep collect DIR
@@ -27,6 +28,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a spec value, e.g. --set cluster.ep_degree=4 --set run.data.root=/data/mds")
     p.add_argument("--force", action="store_true", help="replace configs of points that already finished")
     p.add_argument("--quiet", action="store_true", help="do not list the invalid points")
+    _cost_flags(p)
+
+    cp = sub.add_parser("cost", help="GPU-hours per study and scale, without writing anything")
+    cp.add_argument("specs", nargs="+", help="sweep spec YAML files (e.g. jobs/specs/*.yaml)")
+    cp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override a value of every spec")
+    cp.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation, the same for every study (default 0.35)")
+    cp.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="peak TFLOP/s per GPU (default 989 = H100/H200 dense bf16)")
 
     lp = sub.add_parser("launch", help="run the points locally (resumable) or render Kubernetes manifests")
     lp.add_argument("dir", help="a directory written by `titan-moe sweep plan`")
@@ -50,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("collect", help="gather losses, eval results and MoE health into results.{csv,md}")
     c.add_argument("dir")
 
-    pl = sub.add_parser("plot", help="draw the paper's figures from results.csv (PNG + SVG)")
+    pl = sub.add_parser("plot", help="draw the paper's figures from results.csv (PNG + SVG + JSON series)")
     pl.add_argument("dir")
     pl.add_argument("--results", help="results CSV (default DIR/results.csv)")
     pl.add_argument("--out", help="figure directory (default DIR/plots)")
@@ -58,22 +68,61 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cost_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mfu", type=float, help="model FLOPs utilisation for the GPU-hour estimate "
+                   "(default: the spec's cluster.mfu, 0.35 in the paper's specs)")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per GPU (default: the spec's cluster.peak_tflops, "
+                   "989 = H100/H200 dense bf16)")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """--set values, then --mfu/--peak-tflops as the cluster overrides they are."""
+    extra = [f"cluster.mfu={args.mfu!r}"] if args.mfu is not None else []
+    extra += [f"cluster.peak_tflops={args.peak_tflops!r}"] if args.peak_tflops is not None else []
+    return [*args.overrides, *extra]
+
+
 def _plan(args: argparse.Namespace) -> int:
-    from jobs.sweep.plan import build_plan, summary, write_plan
+    from jobs.sweep.cost import COST_COLUMNS, cost_rows, format_table
+    from jobs.sweep.plan import atomic_write, build_plan, csv_text, summary, write_plan
     from jobs.sweep.spec_file import load_spec
 
-    spec = load_spec(args.spec, args.overrides)
+    spec = load_spec(args.spec, _overrides(args))
     plan = build_plan(spec, args.out)
     out = write_plan(plan, args.out, force=args.force)
     s = summary(plan)
+    costs = cost_rows(plan)
+    atomic_write(out / "cost.csv", csv_text(costs, COST_COLUMNS))
     print(f"planned {s['points']} points ({s['dense']} dense, {s['moe']} MoE) of sweep '{spec.name}' into {out}")
     print(f"  total training compute {s['train_flops']:.3e} FLOPs = {s['gpu_hours']:,.4g} GPU-hours "
           f"at MFU {spec.cluster.mfu:g} of {spec.cluster.peak_tflops:g} TFLOP/s")
+    print(format_table(costs, spec.cluster.mfu, spec.cluster.peak_tflops))
     if plan.invalid:
         print(f"  skipped {s['invalid_points']} invalid points ({s['invalid_designs']} designs); see {out / 'invalid.csv'}")
         if not args.quiet:
             for row in plan.invalid:
                 print(f"    {row['name']}: {row['reason']}")
+    return 0
+
+
+def _cost(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from jobs.sweep.cost import cost_rows, format_table
+    from jobs.sweep.plan import build_plan
+    from jobs.sweep.spec_file import load_spec
+
+    import yaml
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:  # build_plan only names paths under it
+        for path in args.specs:
+            doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
+            if isinstance(doc, dict) and "name" not in doc and "extends" not in doc:
+                print(f"note: skipped {path}: a shared base for `extends` (no name), not a study")
+                continue
+            rows += cost_rows(build_plan(load_spec(path, _overrides(args)), scratch))
+    print(format_table(rows, args.mfu, args.peak_tflops))
     return 0
 
 
@@ -120,7 +169,7 @@ def _plot(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}")
     pngs = [p for p in written if p.suffix == ".png"]
-    print(f"wrote {len(pngs)} figures (PNG + SVG) into {pngs[0].parent if pngs else args.out or Path(args.dir) / 'plots'}")
+    print(f"wrote {len(pngs)} figures (PNG + SVG + JSON series) into {pngs[0].parent if pngs else args.out or Path(args.dir) / 'plots'}")
     for p in pngs:
         print(f"  {p.stem}")
     return 0
@@ -128,7 +177,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    handler = {"plan": _plan, "launch": _launch, "collect": _collect, "plot": _plot}[args.command]
+    handler = {"plan": _plan, "cost": _cost, "launch": _launch, "collect": _collect, "plot": _plot}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:

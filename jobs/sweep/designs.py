@@ -159,4 +159,5 @@ def moe_section(design: Design, spec: SweepSpec) -> dict:
     }
     if design.routing.mode == "capacity":
         section["capacity_factor"] = design.routing.capacity_factor
+        section["capacity_policy"] = design.routing.capacity_policy
     return section

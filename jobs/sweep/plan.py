@@ -8,9 +8,10 @@ All parameter and FLOP numbers come from ``titan_moe.model.accounting.describe``
 
 Budget (B = global_batch_size x seq_len tokens per step)::
 
-    tokens_target = tokens_per_param x multiple x N
+    tokens_target = tokens_per_param x multiple x N     (or budget.tokens x multiple)
         N = the dense baseline's non-embedding active params (basis: dense, default:
-            every point of a scale sees the same tokens) or the point's own (basis: point)
+            every point of a scale sees the same tokens) or the point's own (basis: point);
+            all active params (embedding and LM head too) with budget.params: active
     steps         = ceil(tokens_target / B)
     tokens        = steps x B                       (what the run actually trains on)
     train_flops   = flops_per_token x tokens
@@ -65,7 +66,7 @@ COLUMNS = [
     "name", "spec", "matching", "scale", "kind", "heterogeneous",
     "granularity", "sparsity", "granularity_value", "sparsity_value",
     "num_sets", "num_experts", "top_k", "expert_sets", "set_shares", "generalist_granularity",
-    "routing", "capacity_factor", "aux_loss_weight", "z_loss_weight", "bias_update_rate",
+    "routing", "capacity_factor", "capacity_policy", "aux_loss_weight", "z_loss_weight", "bias_update_rate",
     "lr", "seed", "token_multiple", "ep_degree",
     "total_params", "active_params", "embedding_params", "non_embedding_active_params",
     "dense_total_params", "flops_per_token", "flop_ratio", "flop_matched",
@@ -113,6 +114,8 @@ def design_tag(design: Design, spec: SweepSpec) -> str:
         tag += f"_gen{_frac_tag(design.generalist)}"
     if design.routing.mode == "capacity":
         tag += f"_cap{_num_tag(design.routing.capacity_factor)}"
+        if design.routing.capacity_policy != "priority":
+            tag += f"_{design.routing.capacity_policy}"
     if len(spec.moe.aux_loss_weights) > 1:
         tag += f"_aux{_num_tag(design.aux_loss_weight)}"
     if len(spec.moe.bias_update_rates) > 1:
@@ -147,6 +150,14 @@ class _Describer:
         return self.cache[key]
 
 
+def _target(spec: SweepSpec, d: dict, multiple: float) -> Fraction:
+    """The token budget before rounding to whole steps (see the module docstring)."""
+    if spec.budget.tokens is not None:
+        return spec.budget.tokens * Fraction(str(multiple))
+    params = d["active_params" if spec.budget.params == "active" else "non_embedding_active_params"]
+    return Fraction(str(spec.budget.tokens_per_param)) * Fraction(str(multiple)) * params
+
+
 def _steps(tokens: Fraction, batch_tokens: int) -> int:
     return max(1, math.ceil(tokens / batch_tokens))
 
@@ -169,18 +180,16 @@ def build_plan(spec: SweepSpec, out_dir: str | Path) -> Plan:
     describer = _Describer(spec.seq_len)
     designs = enumerate_designs(spec)
     batch_tokens = spec.global_batch_size * spec.seq_len
-    ratio = Fraction(str(spec.budget.tokens_per_param))
 
     for scale in spec.scales:
         dense = describer(scale.arch, None)
         lrs = spec.learning_rates_for(scale)
         runs = [(m, lr, seed) for m in spec.budget.multiples for lr in lrs for seed in spec.seeds]
-        dense_steps = {m: _steps(ratio * Fraction(str(m)) * dense["non_embedding_active_params"], batch_tokens)
-                       for m in spec.budget.multiples}
+        dense_steps = {m: _steps(_target(spec, dense, m), batch_tokens) for m in spec.budget.multiples}
 
         for m, lr, seed in runs:
             tokens = dense_steps[m] * batch_tokens
-            budget = {"tokens_target": ratio * Fraction(str(m)) * dense["non_embedding_active_params"],
+            budget = {"tokens_target": _target(spec, dense, m),
                       "steps": dense_steps[m], "tokens": tokens, "unique_tokens": tokens, "repeat": 1.0}
             name = f"{scale.name}_dense" + _run_tag(spec, m, lr, seed)
             plan.points.append(_point(spec, out_dir, name, scale, None, dense, dense, budget, m, lr, seed))
@@ -200,7 +209,7 @@ def build_plan(spec: SweepSpec, out_dir: str | Path) -> Plan:
                 plan.invalid.append(_invalid_row(f"{scale.name}_{tag}", scale, design, len(runs), reason))
                 continue
             for m, lr, seed in runs:
-                budget = _moe_budget(spec, d, dense, dense_steps[m], m, ratio, batch_tokens)
+                budget = _moe_budget(spec, d, dense, dense_steps[m], m, batch_tokens)
                 name = f"{scale.name}_{tag}" + _run_tag(spec, m, lr, seed)
                 plan.points.append(_point(spec, out_dir, name, scale, design, d, dense, budget, m, lr, seed))
 
@@ -222,10 +231,9 @@ def _ep_problem(design: Design, spec: SweepSpec) -> str | None:
 
 
 def _moe_budget(spec: SweepSpec, d: dict, dense: dict, dense_steps: int, multiple: float,
-                ratio: Fraction, batch_tokens: int) -> dict[str, Any]:
+                batch_tokens: int) -> dict[str, Any]:
     if spec.matching == "flop":
-        basis = dense if spec.budget.basis == "dense" else d
-        target = ratio * Fraction(str(multiple)) * basis["non_embedding_active_params"]
+        target = _target(spec, dense if spec.budget.basis == "dense" else d, multiple)
         steps = _steps(target, batch_tokens)
         tokens = steps * batch_tokens
         return {"tokens_target": target, "steps": steps, "tokens": tokens, "unique_tokens": tokens, "repeat": 1.0}
@@ -279,6 +287,7 @@ def _point(spec: SweepSpec, out_dir: Path, name: str, scale: ScaleSpec, design: 
         "generalist_granularity": ff(design.generalist) if design else "",
         "routing": design.routing.mode if design else "",
         "capacity_factor": design.routing.capacity_factor if design else None,
+        "capacity_policy": design.routing.capacity_policy if design and design.routing.mode == "capacity" else "",
         "aux_loss_weight": design.aux_loss_weight if design else None,
         "z_loss_weight": spec.moe.z_loss_weight if design else None,
         "bias_update_rate": design.bias_update_rate if design else None,

@@ -46,6 +46,13 @@ from typing import Any
 MATCHING_MODES = ("flop", "equal_resources")
 BUDGET_BASES = ("dense", "point")
 ROUTING_MODES = ("dropless", "capacity")
+# Which slots a full expert drops (``[moe].capacity_policy``): "priority" (titan-moe's) keeps the
+# highest-probability slots of the local batch; "megablocks" (the papers' baseline) keeps them in
+# token order with the capacity computed over the expert-parallel group.
+CAPACITY_POLICIES = ("priority", "megablocks")
+# What ``budget.tokens_per_param`` multiplies: describe's non-embedding active params, or all
+# active params (embedding and LM head included, the count "50M active" refers to).
+BUDGET_PARAMS = ("non_embedding_active", "active")
 # OLMoE-mix-0924's sources: the default list the equal-resources mode repeats.
 OLMOE_SOURCES = ("dclm", "starcoder", "pes2o", "arxiv", "open-web-math", "algebraic-stack", "wiki")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -71,7 +78,7 @@ class ClusterSpec:
     ep_degree: int = 1
     nodes: int = 1
     gpus_per_node: int = 8
-    mfu: float = 0.4
+    mfu: float = 0.35
     """Model FLOPs utilisation assumed for the GPU-hour estimate."""
     peak_tflops: float = 989.0
     """Dense bf16 peak per GPU (H100/H200: 989)."""
@@ -89,6 +96,11 @@ class BudgetSpec:
     tokens); "point": each point's own active params."""
     multiples: list[float] = field(default_factory=lambda: [1.0])
     """Budget multiples ("more data" runs); each multiple is its own set of points."""
+    tokens: int | None = None
+    """A fixed token budget (times each multiple) instead of ``tokens_per_param``: the paper's
+    appendix states its budgets in tokens (200M vs 4B)."""
+    params: str = "non_embedding_active"
+    """Which parameter count ``tokens_per_param`` multiplies (``BUDGET_PARAMS``)."""
 
 
 @dataclass
@@ -122,10 +134,15 @@ class SetRequest:
 class RoutingSpec:
     mode: str = "dropless"
     capacity_factor: float | None = None
+    capacity_policy: str = "priority"
+    """Only for mode capacity: which slots a full expert drops (``CAPACITY_POLICIES``)."""
 
     @property
     def label(self) -> str:
-        return self.mode if self.mode == "dropless" else f"capacity {self.capacity_factor:g}"
+        if self.mode == "dropless":
+            return "dropless"
+        policy = "" if self.capacity_policy == "priority" else f" {self.capacity_policy}"
+        return f"capacity {self.capacity_factor:g}{policy}"
 
 
 @dataclass

@@ -13,6 +13,8 @@ from typing import Any
 
 from jobs.sweep.spec import (
     BUDGET_BASES,
+    BUDGET_PARAMS,
+    CAPACITY_POLICIES,
     MATCHING_MODES,
     NAME_PATTERN,
     PLANNER_OWNED,
@@ -171,10 +173,21 @@ def _parse_cluster(section: dict[str, Any]) -> ClusterSpec:
 
 
 def _parse_budget(section: dict[str, Any], matching: str) -> BudgetSpec:
-    _no_unknown(section, {"tokens_per_param", "basis", "multiples"}, "spec.budget")
+    _no_unknown(section, {"tokens_per_param", "tokens", "params", "basis", "multiples"}, "spec.budget")
     b = BudgetSpec()
-    if "tokens_per_param" in section:
+    if section.get("tokens_per_param") is not None:
         b.tokens_per_param = _number(section["tokens_per_param"], "spec.budget.tokens_per_param", above=0)
+    if section.get("tokens") is not None:
+        if section.get("tokens_per_param") is not None:
+            raise ConfigError("spec.budget.tokens", "give either tokens (a fixed budget) or tokens_per_param, "
+                              "not both (a spec that extends one with tokens_per_param sets it to null)")
+        tokens = section["tokens"]
+        if isinstance(tokens, float) and tokens.is_integer():
+            tokens = int(tokens)  # YAML reads 2.0e+9 as a float
+        b.tokens = _int(tokens, "spec.budget.tokens", minimum=1)
+    b.params = section.get("params", b.params)
+    if b.params not in BUDGET_PARAMS:
+        raise ConfigError("spec.budget.params", f"{b.params!r} is not a parameter count; choose one of {', '.join(BUDGET_PARAMS)}")
     b.basis = section.get("basis", "dense")
     if b.basis not in BUDGET_BASES:
         raise ConfigError("spec.budget.basis", f"{b.basis!r} is not a basis; choose one of {', '.join(BUDGET_BASES)}")
@@ -293,17 +306,22 @@ def _parse_routing(value: Any, where: str) -> RoutingSpec:
     if isinstance(value, str):
         value = {"mode": value}
     raw = _mapping(value, where)
-    _no_unknown(raw, {"mode", "capacity_factor"}, where)
+    _no_unknown(raw, {"mode", "capacity_factor", "capacity_policy"}, where)
     mode = raw.get("mode", "dropless")
     if mode not in ROUTING_MODES:
         raise ConfigError(f"{where}.mode", f"{mode!r} is not a routing mode; choose one of {', '.join(ROUTING_MODES)}")
     if mode == "dropless":
-        if raw.get("capacity_factor") is not None:
-            raise ConfigError(f"{where}.capacity_factor", "only applies to mode: capacity")
+        for key in ("capacity_factor", "capacity_policy"):
+            if raw.get(key) is not None:
+                raise ConfigError(f"{where}.{key}", "only applies to mode: capacity")
         return RoutingSpec("dropless")
     if raw.get("capacity_factor") is None:
         raise ConfigError(f"{where}.capacity_factor", "is required for mode: capacity (e.g. 1.25)")
-    return RoutingSpec("capacity", _number(raw["capacity_factor"], f"{where}.capacity_factor", above=0))
+    policy = raw.get("capacity_policy", "priority")
+    if policy not in CAPACITY_POLICIES:
+        raise ConfigError(f"{where}.capacity_policy",
+                          f"{policy!r} is not a capacity policy; choose one of {', '.join(CAPACITY_POLICIES)}")
+    return RoutingSpec("capacity", _number(raw["capacity_factor"], f"{where}.capacity_factor", above=0), policy)
 
 
 def _parse_lrs(value: Any, where: str) -> list[float]:

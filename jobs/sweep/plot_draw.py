@@ -1,0 +1,107 @@
+"""Drawing one figure of ``sweep plot``: panels of line series, written as PNG, SVG and JSON.
+
+A figure is a list of ``Panel``s side by side, and a caption under them that
+names the spec.  Next to ``<stem>.png`` and ``<stem>.svg`` lies ``<stem>.json``,
+the plotted numbers themselves (format ``titan-moe-figure/1``)::
+
+    {"format": "titan-moe-figure/1", "figure": stem, "spec": ..., "caption": ...,
+     "panels": [{"title": ..., "xlabel": ..., "ylabel": ...,
+                 "series": {label: [[x, y], ...]},        # sorted by x
+                 "reference_lines": {label: y}}]}          # e.g. the dense baseline
+
+so a reader (or a test) can check a figure without reading pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+FIGURE_FORMAT = "titan-moe-figure/1"
+
+
+@dataclass
+class Panel:
+    title: str
+    xlabel: str
+    ylabel: str
+    series: dict[str, list[tuple[float, float]]]
+    reference_lines: dict[str, float] = field(default_factory=dict)
+    """Horizontal lines (label -> y): the dense baseline."""
+    xscale: str = "log2"
+    """"log2" (granularity, experts, sparsity) or "category" (evenly spaced x values, e.g. gamma = 0)."""
+    xfractions: bool = False
+    """Label x ticks as fractions (granularity 1/64)."""
+    dashed: set[str] = field(default_factory=set)
+    """Series drawn dashed with square markers (the variant next to the solid baselines)."""
+
+
+def fraction_label(value: float) -> str:
+    f = Fraction(value).limit_denominator(4096)
+    return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
+
+
+def _draw_panel(ax, panel: Panel) -> None:
+    xs = sorted({x for points in panel.series.values() for x, _ in points})
+    position = {x: i for i, x in enumerate(xs)} if panel.xscale == "category" else {x: x for x in xs}
+    for label, points in panel.series.items():
+        points = sorted(points)
+        style = {"linestyle": "--", "marker": "s"} if label in panel.dashed else {"marker": "o"}
+        ax.plot([position[x] for x, _ in points], [y for _, y in points], label=label, **style)
+    for i, (label, y) in enumerate(panel.reference_lines.items()):
+        ax.axhline(y, color="black", linestyle=("--", ":", "-.")[i % 3], linewidth=1.2, label=label)
+    if panel.xscale == "log2":
+        ax.set_xscale("log", base=2)
+    ax.set_xticks([position[x] for x in xs])
+    ax.set_xticklabels([fraction_label(x) if panel.xfractions else f"{x:g}" for x in xs])
+    ax.minorticks_off()
+    if len(xs) > 8:  # e.g. 1 .. 16384 experts: upright labels would run into each other
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    if panel.xscale == "category" and xs:
+        ax.set_xlim(-0.5, len(xs) - 0.5)
+    ax.set_xlabel(panel.xlabel)
+    ax.set_ylabel(panel.ylabel)
+    ax.set_title(panel.title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if _legend_outside(panel):  # many lines: a legend inside would cover them
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=7)
+
+
+def _legend_outside(panel: Panel) -> bool:
+    return len(panel.series) + len(panel.reference_lines) > 5
+
+
+def draw(panels: list[Panel], *, out_dir: Path, stem: str, spec: str, caption: str) -> list[Path]:
+    """Render the panels side by side with the caption below; write PNG, SVG and the JSON data."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    width = sum(7.0 if _legend_outside(p) else 5.2 for p in panels) + 0.6
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        _draw_panel(ax, panel)
+    wrapped = "\n".join(textwrap.wrap(caption, width=int(width * 15)))
+    fig.text(0.01, 0.01, wrapped, ha="left", va="bottom", fontsize=7.5, color="#333333")
+    lines = wrapped.count("\n") + 1
+    fig.tight_layout(rect=(0, 0.035 * lines + 0.02, 1, 1))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.svg", out_dir / f"{stem}.json"]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    plt.close(fig)
+    data = {
+        "format": FIGURE_FORMAT, "figure": stem, "spec": spec, "caption": caption,
+        "panels": [{"title": p.title, "xlabel": p.xlabel, "ylabel": p.ylabel,
+                    "series": {label: [list(xy) for xy in sorted(points)] for label, points in p.series.items()},
+                    "reference_lines": dict(p.reference_lines)} for p in panels],
+    }
+    paths[2].write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    return paths
