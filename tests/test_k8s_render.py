@@ -18,9 +18,13 @@ import yaml
 from eval.cli import build_parser as build_eval_parser
 from jobs.k8s import RenderOptions, render_run
 from jobs.k8s.cli import main as k8s_main
-from jobs.k8s.options import TORCHRUN_SHUTDOWN_TIMEOUT_S, max_name_length, name_from_stem
+from jobs.k8s.options import max_name_length, name_from_stem
 from jobs.k8s.validate import KUBERNETES_VERSION, validate_dir, validate_object
 from tests.k8s_support import IMAGE, REPO, crd_path, load, trainer_pod, write_config
+
+# 1.31: podFailurePolicy (onExitCodes) and the DisruptionTarget condition went GA;
+# 1.33: the version the manifests target; 1.37: the newest bundled schemas.
+VERSIONS = ("1.31.0", KUBERNETES_VERSION, "1.37.0")
 
 EXPECTED_FILES = {
     "configmap.yaml",
@@ -47,7 +51,8 @@ def _script_words(jobset: dict) -> list[str]:
     assert container["command"] == ["/bin/bash", "-c"]
     (script,) = container["args"]
     words = shlex.split(script.replace("\\\n", " "))
-    assert words[:2] == ["exec", "torchrun"], "torchrun must be PID 1 to receive the kubelet's SIGTERM"
+    # The entrypoint must be PID 1: it receives the kubelet's SIGTERM and keeps it from torchrun.
+    assert words[:4] == ["exec", "python", "-m", "jobs.k8s.entrypoint"]
     return words
 
 
@@ -59,20 +64,36 @@ def _flag(words: list[str], name: str) -> str:
     return values[0]
 
 
-def test_every_rendered_manifest_validates(rendered, tmp_path):
-    _, out, paths = rendered
-    assert {p.name for p in paths} == EXPECTED_FILES
-    # 1.31: podFailurePolicy and the DisruptionTarget condition went GA; 1.37: newest bundled schemas.
-    for version in (KUBERNETES_VERSION, "1.31.0", "1.37.0"):
-        checked, problems = validate_dir(out, crd_path(), version)
-        assert problems == [], version
-        assert checked == len(EXPECTED_FILES)
+VARIANTS = {
+    "tcp-defaults": {},
+    "tcp-everything": dict(queue="team-a", namespace="ml-research", image_pull_secrets=("regcred", "mirror"),
+                           service_account="titan-trainer", s3_secret=None),
+    "infiniband": dict(network="infiniband"),
+    "infiniband-everything": dict(network="infiniband", queue="team-a", namespace="ml", service_account="sa",
+                                  image_pull_secrets=("regcred",), rdma_resource="rdma/ib=4",
+                                  nccl_env=("NCCL_IB_HCA=mlx5", "NCCL_DEBUG=INFO")),
+    "efa": dict(network="efa", queue="team-a"),
+    "efa-everything": dict(network="efa", namespace="ml", service_account="irsa", s3_secret=None,
+                           image_pull_secrets=("ecr",), rdma_resource="vpc.amazonaws.com/efa=4"),
+}
 
-    # A one-node, one-GPU render without queue or namespace validates as well.
-    small = tmp_path / "small"
-    render_run(write_config(tmp_path), 1, 1, IMAGE, small)
-    checked, problems = validate_dir(small, crd_path())
-    assert (checked, problems) == (len(EXPECTED_FILES), [])
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_rendered_variant_validates(tmp_path, variant):
+    options = dict(VARIANTS[variant])
+    queue = options.pop("queue", None)
+    out = tmp_path / "out"
+    paths = render_run(write_config(tmp_path, "moe-ep2", expert_parallel_degree=2), 2, 2, IMAGE, out, queue,
+                       **options)
+    assert {p.name for p in paths} == EXPECTED_FILES
+    for version in VERSIONS:
+        checked, problems = validate_dir(out, crd_path(), version)
+        assert (checked, problems) == (len(EXPECTED_FILES), []), version
+
+
+def test_the_shared_render_validates(rendered):
+    _, out, _ = rendered
+    assert validate_dir(out, crd_path()) == (len(EXPECTED_FILES), [])
 
 
 def test_validation_is_strict_and_catches_typos(rendered):
@@ -125,18 +146,6 @@ def test_failure_policy_is_paired_with_the_pod_failure_policy(rendered):
     assert job["template"]["spec"]["restartPolicy"] == "Never"
 
 
-def test_grace_period_covers_torchrun_shutdown_plus_a_checkpoint(rendered, tmp_path):
-    _, out, _ = rendered
-    grace = trainer_pod(load(out / "jobset.yaml"))["terminationGracePeriodSeconds"]
-    assert TORCHRUN_SHUTDOWN_TIMEOUT_S == 30
-    assert grace == 30 + 60 + 30  # torchrun window + default checkpoint budget + teardown margin
-    assert grace > TORCHRUN_SHUTDOWN_TIMEOUT_S + RenderOptions().checkpoint_seconds
-
-    render_run(write_config(tmp_path), 1, 2, IMAGE, tmp_path / "slow", checkpoint_seconds=600)
-    grace = trainer_pod(load(tmp_path / "slow" / "jobset.yaml"))["terminationGracePeriodSeconds"]
-    assert grace == 660 and grace > TORCHRUN_SHUTDOWN_TIMEOUT_S + 600
-
-
 def test_dev_shm_is_memory_backed_and_sized(rendered, tmp_path):
     _, out, _ = rendered
     pod = trainer_pod(load(out / "jobset.yaml"))
@@ -150,7 +159,7 @@ def test_dev_shm_is_memory_backed_and_sized(rendered, tmp_path):
     assert trainer_pod(load(tmp_path / "b" / "jobset.yaml"))["volumes"][1]["emptyDir"]["sizeLimit"] == "100Gi"
 
 
-def test_rendezvous_address_and_torchrun_shape(rendered):
+def test_static_rendezvous_at_pod_zero_and_torchrun_shape(rendered):
     _, out, _ = rendered
     jobset = load(out / "jobset.yaml")
     name = jobset["metadata"]["name"]
@@ -160,18 +169,20 @@ def test_rendezvous_address_and_torchrun_shape(rendered):
     assert jobset["spec"]["replicatedJobs"][0]["name"] == "node"
 
     words = _script_words(jobset)
-    assert _flag(words, "--rdzv_endpoint") == "moe-ep8-node-0-0.moe-ep8:29500"
-    assert _flag(words, "--rdzv_backend") == "c10d"
+    # Static: node rank = completion index, and node rank 0 (pod index 0) hosts the store.
+    assert _flag(words, "--rdzv_backend") == "static"
+    assert _flag(words, "--master_addr") == "moe-ep8-node-0-0.moe-ep8"
+    assert _flag(words, "--master_port") == "29500"
+    assert _flag(words, "--node_rank") == "${JOB_COMPLETION_INDEX}"
+    assert _flag(words, "--rdzv_conf") == "timeout=900"  # the non-zero ranks retry the store this long
+    assert _flag(words, "--max_restarts") == "0"  # restarts are the JobSet's
     assert _flag(words, "--nnodes") == "4"
     assert _flag(words, "--nproc_per_node") == "8"
-    assert _flag(words, "--node_rank") == "${JOB_COMPLETION_INDEX}"
     assert _flag(words, "-m") == "titan_moe.train"
     assert _flag(words, "--job.config_file") == "/config/run.toml"
 
     (container,) = trainer_pod(jobset)["containers"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
-    assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert container["resources"]["requests"]["nvidia.com/gpu"] == "8"
 
 
@@ -197,6 +208,9 @@ def test_checkpoints_tensorboard_and_eval_share_the_run_folder(rendered):
     assert _flag(words, "--checkpoint.folder") == "checkpoint"
     assert _flag(words, "--data.local_cache") == "/data-cache"
     pod = trainer_pod(jobset)
+    (cache,) = [v for v in pod["volumes"] if v["name"] == "data-cache"]
+    assert cache["emptyDir"] == {"sizeLimit": "100Gi"}
+    assert _flag(words, "--data.cache_limit") == f"{int(100 * 1024 * 0.9)}mb"  # 90% of the emptyDir
     claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
     assert claims[mounts["/runs"]] == "titan-moe-runs"
@@ -229,11 +243,13 @@ def test_credentials_come_from_the_secret_and_config_from_the_configmap(rendered
         obj = load(out / file)
         pod = trainer_pod(obj) if obj["kind"] == "JobSet" else obj["spec"]["template"]["spec"]
         env = {e["name"]: e for e in pod["containers"][0]["env"]}
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT_URL"):
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "S3_ENDPOINT_URL"):
             assert "value" not in env[key], f"{key} must not be a literal in {file}"
             assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "titan-moe-s3"
             assert env[key]["valueFrom"]["secretKeyRef"]["key"] == key
         assert env["S3_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True
+        assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True  # temporary keys only
+        assert "optional" not in env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]
 
     cm = load(out / "configmap.yaml")
     assert cm["data"]["run.toml"] == config.read_text()  # verbatim, through the YAML block style
@@ -264,7 +280,7 @@ def test_cli_render_then_validate(tmp_path, capsys):
     jobset = load(out / "jobset.yaml")
     assert jobset["spec"]["failurePolicy"]["maxRestarts"] == 5
     assert _flag(_script_words(jobset), "--rdzv_endpoint") == "cli-run-node-0-0.cli-run:29500"
-    assert k8s_main(["validate", str(out), "--jobset-crd", str(crd_path())]) == 0
+    assert k8s_main(["validate", str(out)]) == 0  # the repository's pinned CRDs
     assert "6 objects checked, 0 problems" in capsys.readouterr().out
 
 

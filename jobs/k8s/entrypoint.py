@@ -44,6 +44,10 @@ SIGNAL_EXIT_BASE = 128
 FORWARD_POLL_S = 0.5
 # Set by the renderer: tcp | infiniband | efa.
 NETWORK_ENV = "TITAN_MOE_NETWORK"
+# Set by k8s/Dockerfile: the network libraries the image was built with (--build-arg NETWORK).
+IMAGE_NETWORK_ENV = "TITAN_MOE_IMAGE_NETWORK"
+# Bad setup, before anything started (the trainer's status for an invalid run config, too).
+SETUP_ERROR_EXIT_CODE = 2
 
 
 def log(message: str) -> None:
@@ -128,6 +132,19 @@ def exit_status(exitcodes: Iterable[int]) -> int:
     return 1
 
 
+def network_mismatch() -> str | None:
+    """Why this image cannot serve the rendered network (None if it can).
+
+    An image built without the RDMA libraries would make NCCL fail at init at
+    best; say so before any process starts.
+    """
+    network, image = os.environ.get(NETWORK_ENV, "tcp"), os.environ.get(IMAGE_NETWORK_ENV)
+    if image is None or network == "tcp" or image == network:
+        return None
+    return (f"the manifests ask for --network {network} but the image was built with NETWORK={image}; "
+            f"rebuild it with docker build --build-arg NETWORK={network} (k8s/Dockerfile)")
+
+
 def check_memlock() -> None:
     """RDMA registers pinned memory: a locked-memory limit makes NCCL fail at init, so say it first."""
     network = os.environ.get(NETWORK_ENV, "tcp")
@@ -144,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     forwarder = Forwarder()
     signal.signal(signal.SIGTERM, forwarder.on_sigterm)
+    problem = network_mismatch()
+    if problem:
+        log(f"error: {problem}")
+        return SETUP_ERROR_EXIT_CODE
     check_memlock()
 
     from torch.distributed import run as torchrun
