@@ -53,7 +53,7 @@ def _script_words(jobset: dict) -> list[str]:
     words = shlex.split(script.replace("\\\n", " "))
     # The entrypoint must be PID 1: it receives the kubelet's SIGTERM and keeps it from torchrun.
     assert words[:4] == ["exec", "python", "-m", "jobs.k8s.entrypoint"]
-    return words
+    return words[4:]
 
 
 def _flag(words: list[str], name: str) -> str:
@@ -140,8 +140,11 @@ def test_failure_policy_is_paired_with_the_pod_failure_policy(rendered):
     assert rjob["replicas"] == 1
     assert (job["completionMode"], job["completions"], job["parallelism"]) == ("Indexed", 4, 4)
     assert job["backoffLimit"] == 0
-    (pod_rule,) = job["podFailurePolicy"]["rules"]
-    assert pod_rule == {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert job["podFailurePolicy"]["rules"] == [
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        # The trainer's exit status after a preemption save, passed on by the entrypoint.
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]}},
+    ]
     # podFailurePolicy is only allowed (and only meaningful) with restartPolicy Never.
     assert job["template"]["spec"]["restartPolicy"] == "Never"
 
@@ -155,7 +158,7 @@ def test_dev_shm_is_memory_backed_and_sized(rendered, tmp_path):
 
     render_run(write_config(tmp_path), 1, 1, IMAGE, tmp_path / "a")
     assert trainer_pod(load(tmp_path / "a" / "jobset.yaml"))["volumes"][1]["emptyDir"]["sizeLimit"] == "8Gi"
-    render_run(write_config(tmp_path), 1, 1, IMAGE, tmp_path / "b", shm_size="100Gi")
+    render_run(write_config(tmp_path), 1, 1, IMAGE, tmp_path / "b", shm_size="100Gi", memory="200Gi")
     assert trainer_pod(load(tmp_path / "b" / "jobset.yaml"))["volumes"][1]["emptyDir"]["sizeLimit"] == "100Gi"
 
 
@@ -279,7 +282,7 @@ def test_cli_render_then_validate(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
     jobset = load(out / "jobset.yaml")
     assert jobset["spec"]["failurePolicy"]["maxRestarts"] == 5
-    assert _flag(_script_words(jobset), "--rdzv_endpoint") == "cli-run-node-0-0.cli-run:29500"
+    assert _flag(_script_words(jobset), "--master_addr") == "cli-run-node-0-0.cli-run"
     assert k8s_main(["validate", str(out)]) == 0  # the repository's pinned CRDs
     assert "6 objects checked, 0 problems" in capsys.readouterr().out
 

@@ -12,7 +12,7 @@ mounted at ``--runs-mount``, so INPUT/OUTPUT may be s3:// URLs or paths on it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from jobs.k8s import podspec
 from jobs.k8s.options import (
@@ -53,7 +53,6 @@ class PrepSpec:
     """backoffLimitPerIndex: a failed shard is retried alone, this many times."""
     cpu: str = "8"
     memory: str = "32Gi"
-    extra_args: tuple[str, ...] = field(default=())
 
     def check(self) -> None:
         for name, value in (("--shards", self.shards), ("--parallelism", self.parallelism),
@@ -86,7 +85,7 @@ class PrepSpec:
                             ("--work-dir", self.work_dir)):
             if value is not None:
                 cmd += [flag, str(value)]
-        return [*cmd, *self.extra_args, "--no-progress"]
+        return [*cmd, "--no-progress"]  # a log, not a terminal
 
 
 def _labels(spec: PrepSpec, component: str) -> dict[str, str]:
