@@ -20,7 +20,7 @@ from jobs.k8s import RenderOptions, render_run
 from jobs.k8s.cli import main as k8s_main
 from jobs.k8s.options import max_name_length, name_from_stem
 from jobs.k8s.validate import KUBERNETES_VERSION, validate_dir, validate_object
-from tests.k8s_support import IMAGE, REPO, crd_path, load, trainer_pod, write_config
+from tests.k8s_support import IMAGE, REPO, crd_path, load, qos_class, restricted_violations, trainer_pod, write_config
 
 # 1.31: podFailurePolicy (onExitCodes) and the DisruptionTarget condition went GA;
 # 1.33: the version the manifests target; 1.37: the newest bundled schemas.
@@ -298,6 +298,41 @@ def test_cluster_setup_manifests_validate():
     (generator,) = kustomization["secretGenerator"]
     assert generator["name"] == RenderOptions().s3_secret
     assert kustomization["generatorOptions"]["disableNameSuffixHash"] is True
+    # Rendering without --namespace targets the namespace this setup creates (and enforces "restricted" in).
+    namespace = load(cluster / "namespace.yaml")
+    assert kustomization["namespace"] == namespace["metadata"]["name"] == RenderOptions().namespace
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    # The pod that puts eval data onto the volume passes the same rules as the rendered ones.
+    volume_pod = load(cluster / "volume-pod.yaml")
+    assert validate_object(volume_pod, "volume-pod.yaml", crd_path()) == []
+    assert restricted_violations(volume_pod["spec"]) == [] and qos_class(volume_pod["spec"]) == "Guaranteed"
+    assert volume_pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+
+
+def test_kueue_example_validates_and_feeds_the_rendered_queue(tmp_path):
+    kueue = REPO / "k8s" / "cluster" / "kueue"
+    assert validate_dir(kueue, crd_path()) == (4, [])
+    flavor, cq, lq = (load(kueue / f) for f in ("resource-flavor.yaml", "cluster-queue.yaml", "local-queue.yaml"))
+    assert lq["spec"]["clusterQueue"] == cq["metadata"]["name"]
+    assert lq["metadata"]["namespace"] == RenderOptions().namespace
+    (group,) = cq["spec"]["resourceGroups"]
+    assert [f["name"] for f in group["flavors"]] == [flavor["metadata"]["name"]]
+    # Kueue admits a workload only if every resource its pods request is covered.
+    render_run(write_config(tmp_path), 1, 2, IMAGE, tmp_path / "q", lq["metadata"]["name"])
+    requests = trainer_pod(load(tmp_path / "q" / "jobset.yaml"))["containers"][0]["resources"]["requests"]
+    assert set(requests) <= set(group["coveredResources"])
+    # The Kueue schemas are strict too.
+    typo = dict(cq, spec={**cq["spec"], "namespaceSelecter": {}})
+    assert [p.path for p in validate_object(typo, "cq", crd_path())] == ["spec"]
+
+
+def test_pinned_crds_are_the_documented_releases():
+    readme = (REPO / "k8s" / "README.md").read_text()
+    crds = {p.name for p in (REPO / "k8s" / "crds").glob("*.yaml")}
+    assert crds == {"jobset.x-k8s.io_jobsets.yaml", "kueue.x-k8s.io_resourceflavors.yaml",
+                    "kueue.x-k8s.io_clusterqueues.yaml", "kueue.x-k8s.io_localqueues.yaml"}
+    assert "JOBSET_VERSION=v0.12.0" in readme and "KUEUE_VERSION=v0.19.2" in readme
+    assert "vX.Y.Z" not in readme
 
 
 def test_dockerfile_base_matches_the_locked_torch():
@@ -310,6 +345,17 @@ def test_dockerfile_base_matches_the_locked_torch():
     assert torch_version == versions["torch"]
     assert versions["nvidia-cuda-runtime"].startswith(cuda.split(".")[0] + ".")  # CUDA 13 wheels in the lock
     assert "uv sync --frozen --no-dev" in dockerfile
+    # Never root at run time, and the uid the pods' securityContext expects.
+    from jobs.k8s.podspec import RUN_AS_UID
+
+    (user,) = re.findall(r"^USER (\S+)$", dockerfile, re.M)
+    assert user == f"{RUN_AS_UID}:{RUN_AS_UID}"
+    # One build argument per --network choice, and the image says what it was built with.
+    assert re.search(r"^ARG NETWORK=tcp$", dockerfile, re.M)
+    for network in ("infiniband", "efa"):
+        assert f"      {network}) \\" in dockerfile
+    assert "rdma-core" in dockerfile and "efa_installer.sh" in dockerfile
+    assert "TITAN_MOE_IMAGE_NETWORK=${NETWORK}" in dockerfile
     # The build context is an allow-list of the installable packages: no tests, data, outputs or secrets.
     rules = [line for line in (REPO / "k8s" / "Dockerfile.dockerignore").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
