@@ -71,7 +71,8 @@ def pod_specs(obj: dict) -> list[tuple[str, dict]]:
     """(where, pod spec) of every pod template in a Deployment, Job or JobSet."""
     kind = obj["kind"]
     if kind == "JobSet":
-        return [(f"JobSet/{r['name']}", r["template"]["spec"]["template"]["spec"]) for r in obj["spec"]["replicatedJobs"]]
+        rjobs = obj["spec"]["replicatedJobs"]
+        return [(f"JobSet/{r['name']}", r["template"]["spec"]["template"]["spec"]) for r in rjobs]
     if kind in ("Job", "Deployment"):
         return [(kind, obj["spec"]["template"]["spec"])]
     return []
@@ -115,7 +116,8 @@ def restricted_violations(pod: dict) -> list[str]:
             out.append(f"{where}: capabilities must drop ALL")
         for cap in caps.get("add", []):
             if cap != "NET_BIND_SERVICE":
-                out.append(f"{where}: adds capability {cap}" + ("" if cap in _BASELINE_CAPS else " (not even baseline)"))
+                note = "" if cap in _BASELINE_CAPS else " (not even baseline)"
+                out.append(f"{where}: adds capability {cap}{note}")
         if csc.get("procMount", "Default") != "Default":
             out.append(f"{where}: procMount")
         for port in c.get("ports", []):

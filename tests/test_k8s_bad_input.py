@@ -153,3 +153,11 @@ def test_bad_cluster_options(tmp_path):
     assert _render_error(tmp_path, config, service_account="Bad_SA").field == "--service-account"
     assert _render_error(tmp_path, config, image_pull_secrets=("ok", "not ok")).field == "--image-pull-secret"
     assert _render_error(tmp_path, config, namespace="Team").field == "--namespace"
+
+
+def test_validate_never_passes_on_nothing(tmp_path, capsys):
+    assert k8s_main(["validate", str(tmp_path)]) == 1
+    assert f"no manifests (*.yaml) in {tmp_path}" in capsys.readouterr().err
+    (tmp_path / "lq.yaml").write_text((REPO / "k8s" / "cluster" / "kueue" / "local-queue.yaml").read_text())
+    assert k8s_main(["validate", str(tmp_path), "--crd-dir", str(tmp_path / "none")]) == 2
+    assert "no CustomResourceDefinition in" in capsys.readouterr().err

@@ -168,7 +168,8 @@ def test_static_rendezvous_at_pod_zero_and_torchrun_shape(rendered):
     name = jobset["metadata"]["name"]
     assert name == "moe-ep8"
     # The headless Service JobSet creates is the subdomain; pods are <jobset>-<rjob>-<job>-<index>.
-    assert jobset["spec"]["network"] == {"enableDNSHostnames": True, "publishNotReadyAddresses": True, "subdomain": name}
+    network = {"enableDNSHostnames": True, "publishNotReadyAddresses": True, "subdomain": name}
+    assert jobset["spec"]["network"] == network
     assert jobset["spec"]["replicatedJobs"][0]["name"] == "node"
 
     words = _script_words(jobset)

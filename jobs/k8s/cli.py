@@ -90,7 +90,8 @@ def _add_cluster_args(p: argparse.ArgumentParser, defaults: RenderOptions) -> No
                         f"the one k8s/cluster creates)")
     p.add_argument("--pvc", dest="runs_claim", default=defaults.runs_claim,
                    help=f"ReadWriteMany claim for checkpoints + TensorBoard (default {defaults.runs_claim})")
-    p.add_argument("--runs-mount", default=defaults.runs_mount, help=f"mount path of that claim ({defaults.runs_mount})")
+    p.add_argument("--runs-mount", default=defaults.runs_mount,
+                   help=f"mount path of that claim ({defaults.runs_mount})")
     p.add_argument("--s3-secret", default=defaults.s3_secret,
                    help=f"Secret with the object-store credentials, or 'none' for workload identity "
                         f"(default {defaults.s3_secret})")
@@ -149,7 +150,8 @@ def _render_prep(args: argparse.Namespace) -> int:
         print(p)
     ns, job = args.namespace, f"{spec.name}-shards"
     print(f"run:  kubectl create -f {args.out}/{SHARDS_FILE}\n"
-          f"wait: until s=$(kubectl -n {ns} get job {job} -o jsonpath='{{.status.conditions[?(@.status==\"True\")].type}}')"
+          f"wait: until s=$(kubectl -n {ns} get job {job} "
+          f"-o jsonpath='{{.status.conditions[?(@.status==\"True\")].type}}')"
           f" && [[ $s == *Complete* || $s == *Failed* ]]; do sleep 30; done; echo $s\n"
           f"then: kubectl create -f {args.out}/{FINALIZE_FILE}   (only after Complete)")
     return 0
@@ -161,7 +163,15 @@ def _validate(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         print(f"titan-moe k8s validate: needs the dev dependencies ({exc.name}): uv sync --group dev", file=sys.stderr)
         return 2
-    checked, problems = validate_dir(args.dir, args.crd_dir or CRD_DIR, args.kubernetes_version or KUBERNETES_VERSION)
+    try:
+        version = args.kubernetes_version or KUBERNETES_VERSION
+        checked, problems = validate_dir(args.dir, args.crd_dir or CRD_DIR, version)
+    except ValueError as exc:  # no CRDs there (an installed package has no k8s/crds)
+        print(f"titan-moe k8s validate: {exc}; pass --crd-dir with the repository's k8s/crds", file=sys.stderr)
+        return 2
+    if checked == 0:
+        print(f"titan-moe k8s validate: no manifests (*.yaml) in {args.dir}", file=sys.stderr)
+        return 1
     for p in problems:
         print(p, file=sys.stderr)
     print(f"{checked} objects checked, {len(problems)} problems")

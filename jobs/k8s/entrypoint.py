@@ -76,7 +76,8 @@ class Forwarder:
     def __init__(self) -> None:
         self.since: float | None = None
         self.signalled: set[int] = set()
-        self._lock = threading.Lock()
+        # Re-entrant: a second SIGTERM may land while the handler of the first holds it.
+        self._lock = threading.RLock()
 
     def on_sigterm(self, signum: int, frame: object) -> None:
         first = self.since is None

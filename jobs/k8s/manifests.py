@@ -306,6 +306,9 @@ def tensorboard_deployment(run: Run) -> dict:
         mounts=[{"name": "runs", "mountPath": o.runs_mount, "readOnly": True}, tmp_mount],
     )
     container["readinessProbe"] = {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 10}
+    # A wedged TensorBoard (it can hang reloading huge event files) gets restarted.
+    container["livenessProbe"] = {"httpGet": {"path": "/", "port": "http"}, "initialDelaySeconds": 60,
+                                  "periodSeconds": 30, "timeoutSeconds": 10, "failureThreshold": 4}
     volumes = [{"name": "runs", "persistentVolumeClaim": {"claimName": o.runs_claim, "readOnly": True}}, tmp]
     return {
         "apiVersion": "apps/v1",

@@ -174,7 +174,8 @@ class RenderOptions:
         for secret in self.image_pull_secrets:
             check_object_name("--image-pull-secret", secret)
         if not self.runs_mount.startswith("/") or self.runs_mount.rstrip("/") in ("", "/dev", "/proc", "/sys", "/tmp"):
-            raise ConfigError("--runs-mount", f"{self.runs_mount!r} must be an absolute path outside /dev, /proc, /sys, /tmp")
+            raise ConfigError("--runs-mount",
+                              f"{self.runs_mount!r} must be an absolute path outside /dev, /proc, /sys, /tmp")
         if not self.eval_tasks.strip():
             raise ConfigError("--eval-tasks", "must name at least one task, e.g. paloma,boolq")
         if not self.eval_data_root.startswith(self.runs_mount.rstrip("/") + "/"):

@@ -4,7 +4,7 @@ One place for the conventions, so the trainer JobSet, TensorBoard, the eval Job
 and the prep Jobs cannot drift apart:
 
 * **Security** -- every pod passes the Kubernetes "restricted" Pod Security
-  profile: non-root (the image's USER, uid 1000), no privilege escalation, all
+  profile: non-root (the image's USER, uid 10001), no privilege escalation, all
   capabilities dropped, the RuntimeDefault seccomp profile, a read-only root
   filesystem with an emptyDir at /tmp, and no ServiceAccount token mounted (no
   pod talks to the API server).  The one exception is opt-in: RDMA networks add
@@ -23,7 +23,7 @@ from __future__ import annotations
 from jobs.k8s.options import RenderOptions, quantity
 
 # The image's USER (k8s/Dockerfile); fsGroup makes the volumes writable for it.
-RUN_AS_UID = 1000
+RUN_AS_UID = 10001  # >= 10000: clear of host system users (checkov CKV_K8S_40)
 TMP_MOUNT = "/tmp"
 TMP_SIZE = "16Gi"  # torch/triton compile caches, matplotlib config, HOME
 RDMA_CAPABILITIES = ("IPC_LOCK",)  # pinning (registering) memory for the RDMA NICs

@@ -164,4 +164,7 @@ def build(spec: PrepSpec, image: str | None, options: RenderOptions, queue: str 
     image = check_image(image)
     options.check(nodes=1)
     check_queue(queue)
-    return {SHARDS_FILE: shards_job(spec, image, options, queue), FINALIZE_FILE: finalize_job(spec, image, options, queue)}
+    return {
+        SHARDS_FILE: shards_job(spec, image, options, queue),
+        FINALIZE_FILE: finalize_job(spec, image, options, queue),
+    }
