@@ -1,21 +1,18 @@
-"""Shared pieces of the Kubernetes tests: tiny run configs, the JobSet CRD, YAML reading."""
+"""Shared pieces of the Kubernetes tests: tiny run configs, YAML reading, the Pod Security and QoS rules."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-JOBSET_CRD = REPO / ".." / "shared" / "data" / "k8s" / "jobset.x-k8s.io_jobsets.yaml"
+CRD_DIR = REPO / "k8s" / "crds"  # the pinned JobSet and Kueue CRDs
 IMAGE = "registry.example.com/ml/titan-moe:0.1.0"
 
 
 def crd_path() -> Path:
-    if not JOBSET_CRD.is_file():
-        pytest.skip(f"JobSet CRD schema not found at {JOBSET_CRD} (the repo's sibling ../shared/data/k8s)")
-    return JOBSET_CRD
+    return CRD_DIR
 
 
 def run_toml(
@@ -68,3 +65,84 @@ def load(path: Path) -> dict:
 def trainer_pod(jobset: dict) -> dict:
     (rjob,) = jobset["spec"]["replicatedJobs"]
     return rjob["template"]["spec"]["template"]["spec"]
+
+
+def pod_specs(obj: dict) -> list[tuple[str, dict]]:
+    """(where, pod spec) of every pod template in a Deployment, Job or JobSet."""
+    kind = obj["kind"]
+    if kind == "JobSet":
+        rjobs = obj["spec"]["replicatedJobs"]
+        return [(f"JobSet/{r['name']}", r["template"]["spec"]["template"]["spec"]) for r in rjobs]
+    if kind in ("Job", "Deployment"):
+        return [(kind, obj["spec"]["template"]["spec"])]
+    return []
+
+
+# The Pod Security Standards, "baseline" and "restricted" levels (Kubernetes v1.33
+# docs, "Pod Security Standards"), as checks on a pod spec.  Baseline: no host
+# namespaces/paths/ports, no privileged containers, capabilities only from the
+# default set.  Restricted adds: only the listed volume types, runAsNonRoot,
+# no root uid, seccomp RuntimeDefault/Localhost, allowPrivilegeEscalation false,
+# capabilities drop ALL and add at most NET_BIND_SERVICE.
+_BASELINE_CAPS = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
+                  "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+_RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                       "projected", "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """Every rule of the "restricted" profile the pod spec breaks (empty: it passes)."""
+    out = []
+    sc = pod.get("securityContext", {})
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            out.append(f"spec.{field}")
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= _RESTRICTED_VOLUMES:
+            out.append(f"volume {volume['name']}: {sorted(kinds)}")
+    if sc.get("sysctls"):
+        out.append("spec.securityContext.sysctls")
+    containers = pod.get("initContainers", []) + pod["containers"]
+    for c in containers:
+        csc = c.get("securityContext", {})
+        where = f"container {c['name']}"
+        if csc.get("privileged"):
+            out.append(f"{where}: privileged")
+        if csc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{where}: allowPrivilegeEscalation must be false")
+        caps = csc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            out.append(f"{where}: capabilities must drop ALL")
+        for cap in caps.get("add", []):
+            if cap != "NET_BIND_SERVICE":
+                note = "" if cap in _BASELINE_CAPS else " (not even baseline)"
+                out.append(f"{where}: adds capability {cap}{note}")
+        if csc.get("procMount", "Default") != "Default":
+            out.append(f"{where}: procMount")
+        for port in c.get("ports", []):
+            if port.get("hostPort"):
+                out.append(f"{where}: hostPort")
+        if not (csc.get("runAsNonRoot", sc.get("runAsNonRoot")) is True):
+            out.append(f"{where}: runAsNonRoot must be true")
+        if csc.get("runAsUser", sc.get("runAsUser")) == 0:
+            out.append(f"{where}: runs as uid 0")
+        seccomp = csc.get("seccompProfile", sc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{where}: seccompProfile must be RuntimeDefault or Localhost, got {seccomp}")
+    if sc.get("runAsUser") == 0:
+        out.append("spec.securityContext.runAsUser is 0")
+    return out
+
+
+def qos_class(pod: dict) -> str:
+    """The QoS class the kubelet would give the pod (Kubernetes' GetPodQOS, requests defaulting to limits)."""
+    guaranteed, any_set = True, False
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        res = c.get("resources", {})
+        limits, requests = res.get("limits", {}), {**res.get("limits", {}), **res.get("requests", {})}
+        for r in ("cpu", "memory"):
+            any_set = any_set or r in requests or r in limits
+            if r not in limits or requests.get(r) != limits[r]:
+                guaranteed = False
+    return "Guaranteed" if guaranteed else "Burstable" if any_set else "BestEffort"

@@ -7,7 +7,7 @@ import pytest
 from jobs.k8s import render_run
 from jobs.k8s.cli import main as k8s_main
 from titan_moe.errors import ConfigError
-from tests.k8s_support import IMAGE, write_config
+from tests.k8s_support import IMAGE, REPO, write_config
 
 
 def _render_error(tmp_path, config, nodes=2, gpus=4, image=IMAGE, **options) -> ConfigError:
@@ -114,3 +114,50 @@ def test_cli_reports_the_error_and_exits_2(tmp_path, capsys):
     code = k8s_main(["render", str(config), "--nodes", "1", "--gpus-per-node", "8", "--out", str(tmp_path / "o")])
     assert code == 2 and "--image: no container image given" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_config_without_dataset_names_the_field_not_the_cluster(tmp_path):
+    # The shipped example has no [training].dataset: torchtitan's default 'c4_test' is not ours.
+    # Whatever the config layer defaults it to, the error (if any) must not blame the cluster shape.
+    config = REPO / "jobs" / "configs" / "olmoe_like_small.toml"
+    try:
+        render_run(config, 1, 8, IMAGE, tmp_path / "out")
+    except ConfigError as err:
+        assert err.field == "training.dataset"
+        assert "'synthetic' or 'mds'" in str(err)
+        assert "--nodes" not in str(err) and "cluster shape" not in str(err)
+    # A mesh error still says which cluster it was checked against.
+    err = _render_error(tmp_path, write_config(tmp_path, data_parallel_shard_degree=3))
+    assert "change the run config or the cluster shape" in str(err)
+    dataset = write_config(tmp_path, "ds")
+    dataset.write_text(dataset.read_text().replace('dataset = "synthetic"', 'dataset = "c4"'))
+    err = _render_error(tmp_path, dataset)
+    assert err.field == "training.dataset" and "cluster shape" not in str(err) and "'synthetic' or 'mds'" in str(err)
+
+
+def test_bad_cluster_options(tmp_path):
+    config = write_config(tmp_path)
+    err = _render_error(tmp_path, config, network="roce")
+    assert err.field == "--network" and "tcp, infiniband, efa" in str(err)
+    err = _render_error(tmp_path, config, rdma_resource="rdma/ib=1")
+    assert err.field == "--rdma-resource" and "needs --network infiniband or efa" in str(err)
+    err = _render_error(tmp_path, config, network="efa", rdma_resource="vpc.amazonaws.com/efa")
+    assert err.field == "--rdma-resource" and "RESOURCE=COUNT" in str(err)
+    err = _render_error(tmp_path, config, nccl_env=("NCCL_DEBUG",))
+    assert err.field == "--nccl-env" and "KEY=VALUE" in str(err)
+    err = _render_error(tmp_path, config, gpus=1, shm_size="64Gi")  # 1 GPU: 64Gi of memory by default
+    assert err.field == "--shm-size" and "counts against the pod's memory (64Gi)" in str(err)
+    assert _render_error(tmp_path, config, memory="8Gi").field == "--memory"  # /dev/shm 16Gi for 4 GPUs
+    assert _render_error(tmp_path, config, data_cache_size="0").field == "--data-cache-size"
+    assert _render_error(tmp_path, config, step_seconds=0).field == "--step-seconds"
+    assert _render_error(tmp_path, config, service_account="Bad_SA").field == "--service-account"
+    assert _render_error(tmp_path, config, image_pull_secrets=("ok", "not ok")).field == "--image-pull-secret"
+    assert _render_error(tmp_path, config, namespace="Team").field == "--namespace"
+
+
+def test_validate_never_passes_on_nothing(tmp_path, capsys):
+    assert k8s_main(["validate", str(tmp_path)]) == 1
+    assert f"no manifests (*.yaml) in {tmp_path}" in capsys.readouterr().err
+    (tmp_path / "lq.yaml").write_text((REPO / "k8s" / "cluster" / "kueue" / "local-queue.yaml").read_text())
+    assert k8s_main(["validate", str(tmp_path), "--crd-dir", str(tmp_path / "none")]) == 2
+    assert "no CustomResourceDefinition in" in capsys.readouterr().err

@@ -18,10 +18,14 @@ import yaml
 from eval.cli import build_parser as build_eval_parser
 from jobs.k8s import RenderOptions, render_run
 from jobs.k8s.cli import main as k8s_main
-from jobs.k8s.options import TORCHRUN_SHUTDOWN_TIMEOUT_S, max_name_length, name_from_stem
+from jobs.k8s.options import max_name_length, name_from_stem
 from jobs.k8s.validate import KUBERNETES_VERSION, validate_dir, validate_object
-from tests.k8s_support import IMAGE, REPO, crd_path, load, trainer_pod, write_config
+from tests.k8s_support import IMAGE, REPO, crd_path, load, qos_class, restricted_violations, trainer_pod, write_config
 from titan_moe.errors import ConfigError
+
+# 1.31: podFailurePolicy (onExitCodes) and the DisruptionTarget condition went GA;
+# 1.33: the version the manifests target; 1.37: the newest bundled schemas.
+VERSIONS = ("1.31.0", KUBERNETES_VERSION, "1.37.0")
 
 EXPECTED_FILES = {
     "configmap.yaml",
@@ -48,8 +52,9 @@ def _script_words(jobset: dict) -> list[str]:
     assert container["command"] == ["/bin/bash", "-c"]
     (script,) = container["args"]
     words = shlex.split(script.replace("\\\n", " "))
-    assert words[:2] == ["exec", "torchrun"], "torchrun must be PID 1 to receive the kubelet's SIGTERM"
-    return words
+    # The entrypoint must be PID 1: it receives the kubelet's SIGTERM and keeps it from torchrun.
+    assert words[:4] == ["exec", "python", "-m", "jobs.k8s.entrypoint"]
+    return words[4:]
 
 
 def _flag(words: list[str], name: str) -> str:
@@ -60,20 +65,36 @@ def _flag(words: list[str], name: str) -> str:
     return values[0]
 
 
-def test_every_rendered_manifest_validates(rendered, tmp_path):
-    _, out, paths = rendered
-    assert {p.name for p in paths} == EXPECTED_FILES
-    # 1.31: podFailurePolicy and the DisruptionTarget condition went GA; 1.37: newest bundled schemas.
-    for version in (KUBERNETES_VERSION, "1.31.0", "1.37.0"):
-        checked, problems = validate_dir(out, crd_path(), version)
-        assert problems == [], version
-        assert checked == len(EXPECTED_FILES)
+VARIANTS = {
+    "tcp-defaults": {},
+    "tcp-everything": dict(queue="team-a", namespace="ml-research", image_pull_secrets=("regcred", "mirror"),
+                           service_account="titan-trainer", s3_secret=None),
+    "infiniband": dict(network="infiniband"),
+    "infiniband-everything": dict(network="infiniband", queue="team-a", namespace="ml", service_account="sa",
+                                  image_pull_secrets=("regcred",), rdma_resource="rdma/ib=4",
+                                  nccl_env=("NCCL_IB_HCA=mlx5", "NCCL_DEBUG=INFO")),
+    "efa": dict(network="efa", queue="team-a"),
+    "efa-everything": dict(network="efa", namespace="ml", service_account="irsa", s3_secret=None,
+                           image_pull_secrets=("ecr",), rdma_resource="vpc.amazonaws.com/efa=4"),
+}
 
-    # A one-node, one-GPU render without queue or namespace validates as well.
-    small = tmp_path / "small"
-    render_run(write_config(tmp_path), 1, 1, IMAGE, small)
-    checked, problems = validate_dir(small, crd_path())
-    assert (checked, problems) == (len(EXPECTED_FILES), [])
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_rendered_variant_validates(tmp_path, variant):
+    options = dict(VARIANTS[variant])
+    queue = options.pop("queue", None)
+    out = tmp_path / "out"
+    paths = render_run(write_config(tmp_path, "moe-ep2", expert_parallel_degree=2), 2, 2, IMAGE, out, queue,
+                       **options)
+    assert {p.name for p in paths} == EXPECTED_FILES
+    for version in VERSIONS:
+        checked, problems = validate_dir(out, crd_path(), version)
+        assert (checked, problems) == (len(EXPECTED_FILES), []), version
+
+
+def test_the_shared_render_validates(rendered):
+    _, out, _ = rendered
+    assert validate_dir(out, crd_path()) == (len(EXPECTED_FILES), [])
 
 
 def test_validation_is_strict_and_catches_typos(rendered):
@@ -120,22 +141,13 @@ def test_failure_policy_is_paired_with_the_pod_failure_policy(rendered):
     assert rjob["replicas"] == 1
     assert (job["completionMode"], job["completions"], job["parallelism"]) == ("Indexed", 4, 4)
     assert job["backoffLimit"] == 0
-    (pod_rule,) = job["podFailurePolicy"]["rules"]
-    assert pod_rule == {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert job["podFailurePolicy"]["rules"] == [
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        # The trainer's exit status after a preemption save, passed on by the entrypoint.
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]}},
+    ]
     # podFailurePolicy is only allowed (and only meaningful) with restartPolicy Never.
     assert job["template"]["spec"]["restartPolicy"] == "Never"
-
-
-def test_grace_period_covers_torchrun_shutdown_plus_a_checkpoint(rendered, tmp_path):
-    _, out, _ = rendered
-    grace = trainer_pod(load(out / "jobset.yaml"))["terminationGracePeriodSeconds"]
-    assert TORCHRUN_SHUTDOWN_TIMEOUT_S == 30
-    assert grace == 30 + 60 + 30  # torchrun window + default checkpoint budget + teardown margin
-    assert grace > TORCHRUN_SHUTDOWN_TIMEOUT_S + RenderOptions().checkpoint_seconds
-
-    render_run(write_config(tmp_path), 1, 2, IMAGE, tmp_path / "slow", checkpoint_seconds=600)
-    grace = trainer_pod(load(tmp_path / "slow" / "jobset.yaml"))["terminationGracePeriodSeconds"]
-    assert grace == 660 and grace > TORCHRUN_SHUTDOWN_TIMEOUT_S + 600
 
 
 def test_dev_shm_is_memory_backed_and_sized(rendered, tmp_path):
@@ -147,32 +159,35 @@ def test_dev_shm_is_memory_backed_and_sized(rendered, tmp_path):
 
     render_run(write_config(tmp_path), 1, 1, IMAGE, tmp_path / "a")
     assert trainer_pod(load(tmp_path / "a" / "jobset.yaml"))["volumes"][1]["emptyDir"]["sizeLimit"] == "8Gi"
-    render_run(write_config(tmp_path), 1, 1, IMAGE, tmp_path / "b", shm_size="100Gi")
+    render_run(write_config(tmp_path), 1, 1, IMAGE, tmp_path / "b", shm_size="100Gi", memory="200Gi")
     assert trainer_pod(load(tmp_path / "b" / "jobset.yaml"))["volumes"][1]["emptyDir"]["sizeLimit"] == "100Gi"
 
 
-def test_rendezvous_address_and_torchrun_shape(rendered):
+def test_static_rendezvous_at_pod_zero_and_torchrun_shape(rendered):
     _, out, _ = rendered
     jobset = load(out / "jobset.yaml")
     name = jobset["metadata"]["name"]
     assert name == "moe-ep8"
     # The headless Service JobSet creates is the subdomain; pods are <jobset>-<rjob>-<job>-<index>.
-    assert jobset["spec"]["network"] == {"enableDNSHostnames": True, "publishNotReadyAddresses": True, "subdomain": name}
+    network = {"enableDNSHostnames": True, "publishNotReadyAddresses": True, "subdomain": name}
+    assert jobset["spec"]["network"] == network
     assert jobset["spec"]["replicatedJobs"][0]["name"] == "node"
 
     words = _script_words(jobset)
-    assert _flag(words, "--rdzv_endpoint") == "moe-ep8-node-0-0.moe-ep8:29500"
-    assert _flag(words, "--rdzv_backend") == "c10d"
+    # Static: node rank = completion index, and node rank 0 (pod index 0) hosts the store.
+    assert _flag(words, "--rdzv_backend") == "static"
+    assert _flag(words, "--master_addr") == "moe-ep8-node-0-0.moe-ep8"
+    assert _flag(words, "--master_port") == "29500"
+    assert _flag(words, "--node_rank") == "${JOB_COMPLETION_INDEX}"
+    assert _flag(words, "--rdzv_conf") == "timeout=900"  # the non-zero ranks retry the store this long
+    assert _flag(words, "--max_restarts") == "0"  # restarts are the JobSet's
     assert _flag(words, "--nnodes") == "4"
     assert _flag(words, "--nproc_per_node") == "8"
-    assert _flag(words, "--node_rank") == "${JOB_COMPLETION_INDEX}"
     assert _flag(words, "-m") == "titan_moe.train"
     assert _flag(words, "--job.config_file") == "/config/run.toml"
 
     (container,) = trainer_pod(jobset)["containers"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
-    assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert container["resources"]["requests"]["nvidia.com/gpu"] == "8"
 
 
@@ -198,6 +213,9 @@ def test_checkpoints_tensorboard_and_eval_share_the_run_folder(rendered):
     assert _flag(words, "--checkpoint.folder") == "checkpoint"
     assert _flag(words, "--data.local_cache") == "/data-cache"
     pod = trainer_pod(jobset)
+    (cache,) = [v for v in pod["volumes"] if v["name"] == "data-cache"]
+    assert cache["emptyDir"] == {"sizeLimit": "100Gi"}
+    assert _flag(words, "--data.cache_limit") == f"{int(100 * 1024 * 0.9)}mb"  # 90% of the emptyDir
     claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
     assert claims[mounts["/runs"]] == "titan-moe-runs"
@@ -230,11 +248,13 @@ def test_credentials_come_from_the_secret_and_config_from_the_configmap(rendered
         obj = load(out / file)
         pod = trainer_pod(obj) if obj["kind"] == "JobSet" else obj["spec"]["template"]["spec"]
         env = {e["name"]: e for e in pod["containers"][0]["env"]}
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT_URL"):
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "S3_ENDPOINT_URL"):
             assert "value" not in env[key], f"{key} must not be a literal in {file}"
             assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "titan-moe-s3"
             assert env[key]["valueFrom"]["secretKeyRef"]["key"] == key
         assert env["S3_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True
+        assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True  # temporary keys only
+        assert "optional" not in env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]
 
     cm = load(out / "configmap.yaml")
     assert cm["data"]["run.toml"] == config.read_text()  # verbatim, through the YAML block style
@@ -264,8 +284,8 @@ def test_cli_render_then_validate(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
     jobset = load(out / "jobset.yaml")
     assert jobset["spec"]["failurePolicy"]["maxRestarts"] == 5
-    assert _flag(_script_words(jobset), "--rdzv_endpoint") == "cli-run-node-0-0.cli-run:29500"
-    assert k8s_main(["validate", str(out), "--jobset-crd", str(crd_path())]) == 0
+    assert _flag(_script_words(jobset), "--master_addr") == "cli-run-node-0-0.cli-run"
+    assert k8s_main(["validate", str(out)]) == 0  # the repository's pinned CRDs
     assert "6 objects checked, 0 problems" in capsys.readouterr().out
 
 
@@ -280,6 +300,41 @@ def test_cluster_setup_manifests_validate():
     (generator,) = kustomization["secretGenerator"]
     assert generator["name"] == RenderOptions().s3_secret
     assert kustomization["generatorOptions"]["disableNameSuffixHash"] is True
+    # Rendering without --namespace targets the namespace this setup creates (and enforces "restricted" in).
+    namespace = load(cluster / "namespace.yaml")
+    assert kustomization["namespace"] == namespace["metadata"]["name"] == RenderOptions().namespace
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    # The pod that puts eval data onto the volume passes the same rules as the rendered ones.
+    volume_pod = load(cluster / "volume-pod.yaml")
+    assert validate_object(volume_pod, "volume-pod.yaml", crd_path()) == []
+    assert restricted_violations(volume_pod["spec"]) == [] and qos_class(volume_pod["spec"]) == "Guaranteed"
+    assert volume_pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+
+
+def test_kueue_example_validates_and_feeds_the_rendered_queue(tmp_path):
+    kueue = REPO / "k8s" / "cluster" / "kueue"
+    assert validate_dir(kueue, crd_path()) == (4, [])
+    flavor, cq, lq = (load(kueue / f) for f in ("resource-flavor.yaml", "cluster-queue.yaml", "local-queue.yaml"))
+    assert lq["spec"]["clusterQueue"] == cq["metadata"]["name"]
+    assert lq["metadata"]["namespace"] == RenderOptions().namespace
+    (group,) = cq["spec"]["resourceGroups"]
+    assert [f["name"] for f in group["flavors"]] == [flavor["metadata"]["name"]]
+    # Kueue admits a workload only if every resource its pods request is covered.
+    render_run(write_config(tmp_path), 1, 2, IMAGE, tmp_path / "q", lq["metadata"]["name"])
+    requests = trainer_pod(load(tmp_path / "q" / "jobset.yaml"))["containers"][0]["resources"]["requests"]
+    assert set(requests) <= set(group["coveredResources"])
+    # The Kueue schemas are strict too.
+    typo = dict(cq, spec={**cq["spec"], "namespaceSelecter": {}})
+    assert [p.path for p in validate_object(typo, "cq", crd_path())] == ["spec"]
+
+
+def test_pinned_crds_are_the_documented_releases():
+    readme = (REPO / "k8s" / "README.md").read_text()
+    crds = {p.name for p in (REPO / "k8s" / "crds").glob("*.yaml")}
+    assert crds == {"jobset.x-k8s.io_jobsets.yaml", "kueue.x-k8s.io_resourceflavors.yaml",
+                    "kueue.x-k8s.io_clusterqueues.yaml", "kueue.x-k8s.io_localqueues.yaml"}
+    assert "JOBSET_VERSION=v0.12.0" in readme and "KUEUE_VERSION=v0.19.2" in readme
+    assert "vX.Y.Z" not in readme
 
 
 def test_dockerfile_base_matches_the_locked_torch():
@@ -292,6 +347,17 @@ def test_dockerfile_base_matches_the_locked_torch():
     assert torch_version == versions["torch"]
     assert versions["nvidia-cuda-runtime"].startswith(cuda.split(".")[0] + ".")  # CUDA 13 wheels in the lock
     assert "uv sync --frozen --no-dev" in dockerfile
+    # Never root at run time, and the uid the pods' securityContext expects.
+    from jobs.k8s.podspec import RUN_AS_UID
+
+    (user,) = re.findall(r"^USER (\S+)$", dockerfile, re.M)
+    assert user == f"{RUN_AS_UID}:{RUN_AS_UID}"
+    # One build argument per --network choice, and the image says what it was built with.
+    assert re.search(r"^ARG NETWORK=tcp$", dockerfile, re.M)
+    for network in ("infiniband", "efa"):
+        assert f"      {network}) \\" in dockerfile
+    assert "rdma-core" in dockerfile and "efa_installer.sh" in dockerfile
+    assert "TITAN_MOE_IMAGE_NETWORK=${NETWORK}" in dockerfile
     # The build context is an allow-list of the installable packages: no tests, data, outputs or secrets.
     rules = [line for line in (REPO / "k8s" / "Dockerfile.dockerignore").read_text().splitlines()
              if line.strip() and not line.startswith("#")]

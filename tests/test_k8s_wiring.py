@@ -1,18 +1,22 @@
-"""The rendered JobSet's command really starts a multi-node run, and really resumes after a lost node.
+"""The rendered JobSet's command really starts a multi-node run, survives preemption, and resumes.
 
-No cluster here, so this test plays the controllers: it takes the trainer
-container's command and environment from the rendered JobSet, and supplies
-what Kubernetes would -- the completion index (Job controller), the leader's
-DNS name resolving to 127.0.0.1 (JobSet's headless Service), the ConfigMap,
-the shared run volume and a fresh emptyDir per pod (kubelet), the Secret's
-values -- then starts each "pod" as its own local process group, on CPU with
+No cluster here, so these tests play the controllers: they take the trainer
+container's command and environment from the rendered JobSet, and supply
+what Kubernetes would -- the completion index (Job controller), pod 0's DNS
+name resolving to 127.0.0.1 (JobSet's headless Service), the ConfigMap, the
+shared run volume and a fresh emptyDir per pod (kubelet), the Secret's
+values -- then start each "pod" as its own local process group, on CPU with
 one process each.  Pods get a fresh rendezvous port per generation because
 here they share one network namespace (on a cluster each pod has its own).
 
-Then it loses a node the way a preemption does (SIGKILL of one pod) and
-restarts the group the way the failure policy does (BlockingRecreate: SIGTERM
-the surviving pod, wait for it to go, start every pod again with the same
-command): the new generation must continue from the latest checkpoint.
+* Preemption: SIGTERM to one pod's PID 1 (the entrypoint), as the kubelet
+  sends it; both pods must end with status 75 (what the podFailurePolicy
+  turns into a free restart) after a committed final checkpoint, and the
+  restarted group must repeat, step for step, the losses of an uninterrupted
+  run.
+* Node loss: SIGKILL of one pod, then the group restarted the way the
+  failure policy does (BlockingRecreate): training continues after the
+  latest checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from pathlib import Path
 import pytest
 
 from jobs.k8s import render_run
+from jobs.k8s.entrypoint import PREEMPTED_EXIT_CODE
 from jobs.k8s.manifests import CONFIG_KEY
+from jobs.k8s.options import RDZV_PORT
 from tests.k8s_support import IMAGE, load, run_toml, trainer_pod
 
 VENV_BIN = Path(sys.executable).parent
@@ -56,16 +62,17 @@ class LocalPods:
         self.grace_s = pod["terminationGracePeriodSeconds"]
         name = jobset["metadata"]["name"]
         # What the JobSet's headless Service resolves for the completion-index-0 pod.
-        self.leader_endpoint = f"{name}-node-0-0.{jobset['spec']['network']['subdomain']}:29500"
+        self.leader = f"--master_addr={name}-node-0-0.{jobset['spec']['network']['subdomain']}"
         (self.script,) = self.container["args"]
-        assert self.leader_endpoint in self.script
+        assert self.leader in self.script and f"--master_port={RDZV_PORT}" in self.script
         # The ConfigMap, as the kubelet would project it.
-        self.config_dir = root / "configmap"
+        self.config_dir = root / f"configmap-{name}"
         self.config_dir.mkdir()
         for key, text in configmap["data"].items():
             (self.config_dir / key).write_text(text)
-        self.runs = root / "runs"  # the ReadWriteMany claim: shared by every pod and generation
-        self.runs.mkdir()
+        self.runs = root / "runs"  # the ReadWriteMany claim: shared by every pod, generation and run
+        self.runs.mkdir(exist_ok=True)
+        self.name = name
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
@@ -82,11 +89,16 @@ class LocalPods:
         return str(path)
 
     def _command_and_env(self, index: int, port: int, pod_dir: Path) -> tuple[str, dict]:
-        script = self.script.replace(self.leader_endpoint, f"127.0.0.1:{port}")
+        script = self.script.replace(self.leader, "--master_addr=127.0.0.1")
+        script = script.replace(f"--master_port={RDZV_PORT}", f"--master_port={port}")
+        mounts = {}
         for mount in self.container["volumeMounts"]:
             local = self._volume_path(mount, pod_dir)
             if local is not None:
-                script = re.sub(rf"(?<=[\s=]){re.escape(mount['mountPath'])}(?=[/\s]|$)", local, script)
+                mounts[mount["mountPath"]] = local
+        # One pass, so a local path (under /tmp itself) is not rewritten again by the /tmp mount.
+        paths = "|".join(re.escape(m) for m in sorted(mounts, key=len, reverse=True))
+        script = re.sub(rf"(?<=[\s=])({paths})(?=[/\s]|$)", lambda m: mounts[m.group(1)], script)
         env = {
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",  # the image's PATH starts with its venv
             "HOME": os.environ.get("HOME", "/root"),
@@ -95,7 +107,7 @@ class LocalPods:
         }
         for item in self.container["env"]:
             if "value" in item:
-                env[item["name"]] = item["value"]
+                env[item["name"]] = mounts.get(item["value"], item["value"])  # HOME=/tmp: the pod's emptyDir
                 continue
             ref = item["valueFrom"]["secretKeyRef"]
             if ref["key"] in SECRET:
@@ -108,7 +120,7 @@ class LocalPods:
         port = _free_port()
         self.procs, self.logs = [], []
         for index in range(self.nodes):
-            pod_dir = self.root / f"gen{generation}-pod{index}"
+            pod_dir = self.root / f"{self.name}-gen{generation}-pod{index}"
             pod_dir.mkdir()
             script, env = self._command_and_env(index, port, pod_dir)
             log = pod_dir / "log.txt"
@@ -124,13 +136,27 @@ class LocalPods:
             self.procs.append(proc)
             self.logs.append(log)
 
+    def sigterm_pod(self, index: int) -> None:
+        """What the kubelet does first when it takes a pod away: SIGTERM to PID 1 only."""
+        self.procs[index].send_signal(signal.SIGTERM)
+
+    def wait_all(self, timeout_s: float) -> list[int]:
+        """Exit statuses of every pod; fail if one outlives ``timeout_s`` (the kubelet would SIGKILL it)."""
+        deadline = time.monotonic() + timeout_s
+        for i, proc in enumerate(self.procs):
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"pod {i} still running after the {timeout_s:.0f}s grace period:\n{self.output()}")
+        return [proc.returncode for proc in self.procs]
+
     def kill_pod(self, index: int) -> None:
         """A lost node: every process of the pod dies at once."""
         _signal_group(self.procs[index], signal.SIGKILL)
         self.procs[index].wait()
 
     def terminate_all(self) -> None:
-        """Pod deletion: SIGTERM to PID 1 (torchrun), SIGKILL of what is left after the grace period."""
+        """Pod deletion: SIGTERM to PID 1 (the entrypoint), SIGKILL of what is left after the grace period."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -183,16 +209,65 @@ def _wait_for(condition, pods: LocalPods, what: str, timeout_s: float = START_TI
     pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}:\n{pods.output()}")
 
 
+def _local_pods(tmp_path: Path, config: Path, name: str) -> LocalPods:
+    out = tmp_path / f"manifests-{name}"
+    render_run(config, 2, 1, IMAGE, out, name=name)
+    jobset, configmap = load(out / "jobset.yaml"), load(out / "configmap.yaml")
+    assert CONFIG_KEY in configmap["data"]
+    return LocalPods(jobset, configmap, tmp_path)
+
+
+def _losses(rows: list[dict]) -> dict[int, float]:
+    return {m["step"]: m["loss_metrics/global_avg_loss"] for m in rows}
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_pod_saves_exits_75_and_the_restart_repeats_an_uninterrupted_run(tmp_path):
+    # Never finishes on its own; no periodic checkpoint in reach (torchtitan's interval is 500),
+    # so a committed checkpoint can only come from the preemption save.
+    config = tmp_path / "preempt.toml"
+    config.write_text(run_toml(steps=100_000) + "[metrics]\nlog_freq = 1\n")
+    pods = _local_pods(tmp_path, config, "preempt")
+    ckpt, metrics = pods.runs / "preempt" / "checkpoint", pods.runs / "preempt" / "metrics.jsonl"
+    try:
+        pods.start(generation=1)
+        _wait_for(lambda: len(metric_steps(metrics)) >= 3, pods, "three training steps")
+        # The kubelet SIGTERMs one pod (its node is reclaimed); the other learns of it from the
+        # trainer's per-step agreement.  Both must be done within the pod's grace period.
+        pods.sigterm_pod(1)
+        assert pods.wait_all(pods.grace_s) == [PREEMPTED_EXIT_CODE] * 2, pods.output()
+        gen1 = metric_steps(metrics)
+        stopped = gen1[-1]["step"]
+        assert committed_steps(ckpt) == [stopped], f"the final save of step {stopped} must be committed"
+        assert "workers stopped for preemption" in pods.logs[1].read_text()
+
+        # The JobSet restarts the group (the exit code 75 rule); same command, same volume.
+        pods.start(generation=2)
+        _wait_for(lambda: len(metric_steps(metrics)) >= len(gen1) + 3, pods, "three steps of the restarted group")
+        resumed = metric_steps(metrics)[len(gen1):][:3]
+    finally:
+        pods.terminate_all()
+    assert [m["step"] for m in resumed] == [stopped + 1, stopped + 2, stopped + 3]
+
+    # The same rendered run, never interrupted, is the reference.
+    reference = _local_pods(tmp_path, config, "reference")
+    ref_metrics = reference.runs / "reference" / "metrics.jsonl"
+    try:
+        reference.start(generation=1)
+        _wait_for(lambda: len(metric_steps(ref_metrics)) >= stopped + 3, reference, "the reference run")
+    finally:
+        reference.terminate_all()
+    expected = _losses(metric_steps(ref_metrics))
+    assert _losses(gen1) == {step: expected[step] for step in range(1, stopped + 1)}
+    assert _losses(resumed) == {step: expected[step] for step in range(stopped + 1, stopped + 4)}
+
+
 @pytest.mark.slow
 def test_rendered_jobset_rendezvous_trains_and_resumes_after_losing_a_node(tmp_path):
     # Never finishes on its own (the test stops it); a full checkpoint every 3 steps.
     config = tmp_path / "wire.toml"
     config.write_text(run_toml(steps=100_000, checkpoint="interval = 3") + "[metrics]\nlog_freq = 1\n")
-    out = tmp_path / "manifests"
-    render_run(config, 2, 1, IMAGE, out, name="wire")
-    jobset, configmap = load(out / "jobset.yaml"), load(out / "configmap.yaml")
-    assert CONFIG_KEY in configmap["data"]
-    pods = LocalPods(jobset, configmap, tmp_path)
+    pods = _local_pods(tmp_path, config, "wire")
     run_dir = pods.runs / "wire"
     ckpt, metrics = run_dir / "checkpoint", run_dir / "metrics.jsonl"
     try:

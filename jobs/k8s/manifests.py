@@ -11,15 +11,20 @@ Failure model (the pattern the JobSet project documents for preemption):
   failure fails the Job, and with it the JobSet;
 * the Job's ``podFailurePolicy`` fails it with reason ``PodFailurePolicy``
   when the failed pod carries the ``DisruptionTarget`` condition (preemption,
-  node drain, node loss, eviction), so it is told apart from a crash
-  (reason ``BackoffLimitExceeded``);
+  node drain, node loss, eviction) or its trainer exited 75 (the trainer's
+  status after a preemption save, passed on by the entrypoint: every pod of a
+  preempted run, signalled or not, ends that way), so it is told apart from a
+  crash (reason ``BackoffLimitExceeded``);
 * the JobSet's ``failurePolicy`` restarts the whole group on either; a rule
   makes preemption restarts free (``RestartJobSetAndIgnoreMaxRestarts``)
   while crashes count against ``maxRestarts``; ``BlockingRecreate`` deletes
   every old pod before any new one starts, so two generations never meet at
   the rendezvous;
 * every new generation starts torchrun from scratch and the trainer resumes
-  from the latest checkpoint in ``<runs>/<run>/<checkpoint folder>``.
+  from the latest checkpoint in ``<runs>/<run>/<checkpoint folder>``;
+* rendezvous is static: pod 0 (node rank 0) hosts the store, the others
+  connect to its DNS name, retrying until it resolves and listens (up to
+  ``--join-timeout``), so no pod's role depends on DNS timing.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+from jobs.k8s import podspec
+from jobs.k8s.entrypoint import NETWORK_ENV, PREEMPTED_EXIT_CODE
 from jobs.k8s.options import RDZV_PORT, REPLICATED_JOB, RenderOptions
 from jobs.k8s.runconfig import ClusterRunConfig
 
@@ -41,10 +48,10 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_HASH_ANNOTATION = "titan-moe/config-sha256"
 # The trainer entry point; torchrun runs it as a module in every worker.
 TRAIN_MODULE = "titan_moe.train"
-
-# Object-store credentials: read from the Secret, never baked into the image.
-REQUIRED_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-OPTIONAL_SECRET_KEYS = ("S3_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+# PID 1 of a trainer pod (jobs/k8s/entrypoint.py): torchrun in-process, SIGTERM to the workers.
+ENTRYPOINT_MODULE = "jobs.k8s.entrypoint"
+TRAINER_CONTAINER = "trainer"
+TENSORBOARD_RESOURCES = ("1", "4Gi")  # cpu, memory of the TensorBoard pod
 
 
 @dataclass(frozen=True)
@@ -82,9 +89,6 @@ class Run:
         """
         return f"{self.name}-{REPLICATED_JOB}-0-0.{self.name}"
 
-    @property
-    def rendezvous_endpoint(self) -> str:
-        return f"{self.leader_host}:{RDZV_PORT}"
 
 
 def _labels(run: Run, component: str) -> dict[str, str]:
@@ -106,36 +110,27 @@ def _metadata(run: Run, name: str, component: str, queue: bool = False) -> dict:
     return meta
 
 
-def _secret_env(run: Run) -> list[dict]:
-    env = []
-    for key in REQUIRED_SECRET_KEYS + OPTIONAL_SECRET_KEYS:
-        ref = {"name": run.options.s3_secret, "key": key}
-        if key in OPTIONAL_SECRET_KEYS:
-            ref["optional"] = True  # AWS itself needs no endpoint; region has a default
-        env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
-    return env
-
-
 def trainer_script(run: Run) -> str:
-    """The node pod's shell command: exec torchrun with this pod's node rank.
+    """The node pod's shell command: exec the entrypoint (torchrun) with this pod's node rank.
 
-    ``exec`` makes torchrun PID 1 of the container, so the kubelet's SIGTERM
-    reaches it directly and torchrun forwards it to the workers at once (a
-    trainer that handles SIGTERM can save a last checkpoint within torchrun's
-    30 s).  ``JOB_COMPLETION_INDEX`` is set by the Job controller on every pod
-    of an Indexed Job.
+    ``exec`` makes the entrypoint PID 1 of the container, so the kubelet's SIGTERM
+    reaches it; it hands the signal to the workers and leaves torchrun alone (see
+    jobs/k8s/entrypoint.py).  Static rendezvous: node rank = completion index
+    (``JOB_COMPLETION_INDEX``, set by the Job controller on every pod of an Indexed
+    Job), and rank 0 -- always the pod with index 0 -- hosts the store at its own
+    address.  No in-pod restarts (``--max_restarts=0``): a failed worker fails the
+    pod, and the JobSet restarts the group.
     """
     o = run.options
     torchrun = [
-        "torchrun",
         f"--nnodes={run.nodes}",
         f"--nproc_per_node={run.gpus_per_node}",
         '--node_rank="${JOB_COMPLETION_INDEX}"',
-        "--rdzv_backend=c10d",
-        f"--rdzv_endpoint={run.rendezvous_endpoint}",
-        f"--rdzv_id={run.name}",
-        f"--rdzv_conf=join_timeout={o.join_timeout_s}",
-        f"--max_restarts={o.torchrun_restarts}",
+        "--rdzv_backend=static",
+        f"--master_addr={run.leader_host}",
+        f"--master_port={RDZV_PORT}",
+        f"--rdzv_conf=timeout={o.join_timeout_s}",
+        "--max_restarts=0",
     ]
     trainer = [
         ["-m", TRAIN_MODULE],
@@ -147,14 +142,19 @@ def trainer_script(run: Run) -> str:
         # Auto-resume after a restart needs checkpoints, whatever the TOML says.
         ["--checkpoint.enable"],
         ["--checkpoint.folder", run.config.checkpoint_folder],
+        # The save budget after SIGTERM, from the pod's grace period (options.trainer_grace_s).
+        ["--checkpoint.preemption_grace_seconds", str(o.trainer_grace_s)],
         ["--metrics.enable_tensorboard"],
         ["--metrics.save_tb_folder", run.config.tb_folder],
         ["--data.local_cache", DATA_CACHE_MOUNT],
+        # Streaming evicts shards below the emptyDir's sizeLimit (over it, the pod is evicted).
+        ["--data.cache_limit", o.data_cache_limit],
     ]
     # Quote the fixed words; the node-rank word keeps its "${...}" for the shell.
-    lines = [w if w.startswith("--node_rank=") else shlex.quote(w) for w in torchrun]
+    lines = [f"exec python -m {ENTRYPOINT_MODULE}"]
+    lines += [w if w.startswith("--node_rank=") else shlex.quote(w) for w in torchrun]
     lines += [" ".join(shlex.quote(w) for w in pair) for pair in trainer]
-    return "exec " + " \\\n  ".join(lines) + "\n"
+    return " \\\n  ".join(lines) + "\n"
 
 
 def configmap(run: Run) -> dict:
@@ -168,50 +168,48 @@ def configmap(run: Run) -> dict:
 
 def _trainer_pod_spec(run: Run) -> dict:
     o = run.options
-    gpus = {o.gpu_resource: str(run.gpus_per_node)}
-    requests = dict(gpus)
-    if o.cpu:
-        requests["cpu"] = o.cpu
-    if o.memory:
-        requests["memory"] = o.memory
+    extended = {o.gpu_resource: str(run.gpus_per_node)}
+    if o.rdma is not None:
+        extended[o.rdma.name] = str(o.rdma.count)
     env = [
-        # torch 2.11: with the agent's rendezvous TCPStore shared with the workers,
-        # torchrun's in-pod restarts (--max_restarts) fail to re-create the store.
-        {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *podspec.base_env(),
         {"name": "TITAN_MOE_RUN", "value": run.name},
-        *_secret_env(run),
+        {"name": NETWORK_ENV, "value": o.network},
+        *({"name": k, "value": v} for k, v in o.trainer_env.items()),
+        *podspec.credentials_env(o),
     ]
-    return {
-        "restartPolicy": "Never",  # required by podFailurePolicy; restarts are the JobSet's
-        "terminationGracePeriodSeconds": o.grace_period_s,
-        "tolerations": [{"key": o.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}],
-        "containers": [
-            {
-                "name": "trainer",
-                "image": run.image,
-                "imagePullPolicy": "IfNotPresent",
-                "command": ["/bin/bash", "-c"],
-                "args": [trainer_script(run)],
-                "env": env,
-                "ports": [{"name": "rendezvous", "containerPort": RDZV_PORT, "protocol": "TCP"}],
-                "resources": {"requests": requests, "limits": dict(gpus)},
-                "volumeMounts": [
-                    {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-                    {"name": "shm", "mountPath": "/dev/shm"},
-                    {"name": "runs", "mountPath": o.runs_mount},
-                    {"name": "data-cache", "mountPath": DATA_CACHE_MOUNT},
-                ],
-            }
+    tmp, tmp_mount = podspec.tmp_volume()
+    container = podspec.container(
+        TRAINER_CONTAINER,
+        run.image,
+        ["/bin/bash", "-c"],
+        args=[trainer_script(run)],
+        env=env,
+        ports=[{"name": "rendezvous", "containerPort": RDZV_PORT, "protocol": "TCP"}],
+        resources=podspec.guaranteed(
+            o.cpu_for(run.gpus_per_node), o.memory_for(run.gpus_per_node), extended,
+            ephemeral_storage=podspec.gibibytes(o.data_cache_size, podspec.TMP_SIZE),
+        ),
+        mounts=[
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "shm", "mountPath": "/dev/shm"},
+            {"name": "runs", "mountPath": o.runs_mount},
+            {"name": "data-cache", "mountPath": DATA_CACHE_MOUNT},
+            tmp_mount,
         ],
-        "volumes": [
-            {"name": "config", "configMap": {"name": f"{run.name}-config"}},
-            # Docker's default 64Mi /dev/shm starves DataLoader workers; memory-backed, sized.
-            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": o.shm_for(run.gpus_per_node)}},
-            {"name": "runs", "persistentVolumeClaim": {"claimName": o.runs_claim}},
-            {"name": "data-cache", "emptyDir": {}},
-        ],
-    }
+        # RDMA only: pinning memory for the NICs (and the reason such pods are not "restricted").
+        add_capabilities=podspec.RDMA_CAPABILITIES if o.rdma is not None else (),
+    )
+    volumes = [
+        {"name": "config", "configMap": {"name": f"{run.name}-config"}},
+        # Docker's default 64Mi /dev/shm starves DataLoader workers; memory-backed, sized.
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": o.shm_for(run.gpus_per_node)}},
+        {"name": "runs", "persistentVolumeClaim": {"claimName": o.runs_claim}},
+        {"name": "data-cache", "emptyDir": {"sizeLimit": o.data_cache_size}},
+        tmp,
+    ]
+    # restartPolicy Never: required by podFailurePolicy; restarts are the JobSet's.
+    return podspec.pod_spec(o, [container], volumes, gpus=True, grace_period_s=o.grace_period_s)
 
 
 def jobset(run: Run) -> dict:
@@ -233,7 +231,18 @@ def jobset(run: Run) -> dict:
                     # which the JobSet rule below restarts without using up maxRestarts.
                     "action": "FailJob",
                     "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-                }
+                },
+                {
+                    # The trainer stopped for a preemption (its final save is committed):
+                    # the same free restart.  Also every pod of the run whose peer was
+                    # preempted: the ranks agree to stop together.
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": TRAINER_CONTAINER,
+                        "operator": "In",
+                        "values": [PREEMPTED_EXIT_CODE],
+                    },
+                },
             ]
         },
         "template": {"metadata": pod_meta, "spec": _trainer_pod_spec(run)},
@@ -282,6 +291,27 @@ def _tensorboard_selector(run: Run) -> dict[str, str]:
 
 def tensorboard_deployment(run: Run) -> dict:
     o = run.options
+    tmp, tmp_mount = podspec.tmp_volume()
+    container = podspec.container(
+        "tensorboard",
+        run.image,  # the training image has tensorboard
+        [
+            "tensorboard",
+            f"--logdir={run.tensorboard_dir}",
+            "--bind_all",
+            f"--port={TENSORBOARD_PORT}",
+            "--reload_interval=30",
+        ],
+        env=podspec.base_env(),
+        ports=[{"name": "http", "containerPort": TENSORBOARD_PORT, "protocol": "TCP"}],
+        resources=podspec.guaranteed(*TENSORBOARD_RESOURCES),
+        mounts=[{"name": "runs", "mountPath": o.runs_mount, "readOnly": True}, tmp_mount],
+    )
+    container["readinessProbe"] = {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 10}
+    # A wedged TensorBoard (it can hang reloading huge event files) gets restarted.
+    container["livenessProbe"] = {"httpGet": {"path": "/", "port": "http"}, "initialDelaySeconds": 60,
+                                  "periodSeconds": 30, "timeoutSeconds": 10, "failureThreshold": 4}
+    volumes = [{"name": "runs", "persistentVolumeClaim": {"claimName": o.runs_claim, "readOnly": True}}, tmp]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -291,32 +321,7 @@ def tensorboard_deployment(run: Run) -> dict:
             "selector": {"matchLabels": _tensorboard_selector(run)},
             "template": {
                 "metadata": {"labels": _labels(run, "tensorboard")},
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "tensorboard",
-                            "image": run.image,  # the training image has tensorboard
-                            "imagePullPolicy": "IfNotPresent",
-                            "command": [
-                                "tensorboard",
-                                f"--logdir={run.tensorboard_dir}",
-                                "--bind_all",
-                                f"--port={TENSORBOARD_PORT}",
-                                "--reload_interval=30",
-                            ],
-                            "ports": [{"name": "http", "containerPort": TENSORBOARD_PORT, "protocol": "TCP"}],
-                            "readinessProbe": {
-                                "httpGet": {"path": "/", "port": "http"},
-                                "periodSeconds": 10,
-                            },
-                            "resources": {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
-                            "volumeMounts": [{"name": "runs", "mountPath": o.runs_mount, "readOnly": True}],
-                        }
-                    ],
-                    "volumes": [
-                        {"name": "runs", "persistentVolumeClaim": {"claimName": o.runs_claim, "readOnly": True}}
-                    ],
-                },
+                "spec": podspec.pod_spec(o, [container], volumes, gpus=False, restart_policy="Always"),
             },
         },
     }
@@ -358,10 +363,25 @@ def eval_command(run: Run) -> list[str]:
 
 def eval_job(run: Run) -> dict:
     o = run.options
-    resources: dict = {}
-    if o.eval_gpus:
-        gpus = {o.gpu_resource: str(o.eval_gpus)}
-        resources = {"requests": dict(gpus), "limits": dict(gpus)}
+    extended = {o.gpu_resource: str(o.eval_gpus)} if o.eval_gpus else {}
+    tmp, tmp_mount = podspec.tmp_volume()
+    container = podspec.container(
+        "eval",
+        run.image,
+        eval_command(run),
+        env=[*podspec.base_env(), *podspec.credentials_env(o)],
+        resources=podspec.guaranteed(o.cpu_for(o.eval_gpus), o.memory_for(o.eval_gpus), extended),
+        mounts=[
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "runs", "mountPath": o.runs_mount},
+            tmp_mount,
+        ],
+    )
+    volumes = [
+        {"name": "config", "configMap": {"name": f"{run.name}-config"}},
+        {"name": "runs", "persistentVolumeClaim": {"claimName": o.runs_claim}},
+        tmp,
+    ]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -370,28 +390,7 @@ def eval_job(run: Run) -> dict:
             "backoffLimit": 2,
             "template": {
                 "metadata": {"labels": _labels(run, "eval")},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "tolerations": [{"key": o.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}],
-                    "containers": [
-                        {
-                            "name": "eval",
-                            "image": run.image,
-                            "imagePullPolicy": "IfNotPresent",
-                            "command": eval_command(run),
-                            "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *_secret_env(run)],
-                            "resources": resources,
-                            "volumeMounts": [
-                                {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-                                {"name": "runs", "mountPath": o.runs_mount},
-                            ],
-                        }
-                    ],
-                    "volumes": [
-                        {"name": "config", "configMap": {"name": f"{run.name}-config"}},
-                        {"name": "runs", "persistentVolumeClaim": {"claimName": o.runs_claim}},
-                    ],
-                },
+                "spec": podspec.pod_spec(o, [container], volumes, gpus=bool(o.eval_gpus)),
             },
         },
     }

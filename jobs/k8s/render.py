@@ -40,6 +40,7 @@ def plan_run(
     nodes, gpus_per_node = check_shape(nodes, gpus_per_node)
     image = check_image(image)
     options.check(nodes)
+    options.check_shape(gpus_per_node)
     check_queue(queue)
     config = check_run_config(config_path, nodes, gpus_per_node, overrides)
     name = options.name or name_from_stem(Path(config_path).stem, nodes)
@@ -60,8 +61,7 @@ def build_manifests(run: Run) -> dict[str, dict]:
         "kind": "Kustomization",
         "resources": list(KUSTOMIZE_FILES),
     }
-    if run.options.namespace:
-        kustomization["namespace"] = run.options.namespace
+    kustomization["namespace"] = run.options.namespace
     objects["kustomization.yaml"] = kustomization
     return objects
 
@@ -93,6 +93,18 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def write_objects(objects: dict[str, dict], out_dir: str | Path) -> list[Path]:
+    """Write ``file name -> object`` as YAML into ``out_dir``, each file atomically."""
+    texts = {name: to_yaml(obj) for name, obj in objects.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in texts.items():
+        _write_atomic(out / name, text)
+        written.append(out / name)
+    return written
+
+
 def render_run(
     config_path: str | Path,
     nodes: int,
@@ -106,18 +118,11 @@ def render_run(
     """Write the manifests of one run into ``out_dir``; return the written paths.
 
     ``options`` are ``RenderOptions`` fields (``name``, ``namespace``,
-    ``runs_claim``, ``checkpoint_seconds``, ...); ``overrides`` are run-config
-    ``--section.key value`` pairs, checked here and passed to the trainer.  Raises
-    ``titan_moe.errors.ConfigError`` for a run that cannot work on the
-    requested cluster shape (mesh does not tile ``nodes x gpus_per_node``,
-    missing image, non-positive node count, ...) before writing anything.
+    ``runs_claim``, ``checkpoint_seconds``, ``network``, ...); ``overrides`` are
+    run-config ``--section.key value`` pairs, checked here and passed to the
+    trainer.  Raises ``titan_moe.errors.ConfigError`` naming the field for a run
+    that cannot work (a mesh that does not tile ``nodes x gpus_per_node``, a
+    missing image, an unknown dataset, ...) before writing anything.
     """
     run = plan_run(config_path, nodes, gpus_per_node, image, queue, RenderOptions(**options), overrides)
-    texts = {name: to_yaml(obj) for name, obj in build_manifests(run).items()}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in texts.items():
-        _write_atomic(out / name, text)
-        written.append(out / name)
-    return written
+    return write_objects(build_manifests(run), out_dir)

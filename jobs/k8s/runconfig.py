@@ -13,6 +13,7 @@ machine that renders may not reach the cluster's object store.
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,12 @@ from titan_moe.errors import ConfigError
 # A ConfigMap, like any object, must stay under etcd's ~1.5 MiB request limit;
 # keep clear of it.
 MAX_CONFIGMAP_BYTES = 1024 * 1024
+# Fields whose check depends on the world size: only their errors can be fixed by
+# another --nodes / --gpus-per-node (a bad dataset or model field cannot).
+_SHAPE_FIELDS = re.compile(
+    r"^(parallelism\.(data_parallel_shard_degree|data_parallel_replicate_degree|expert_parallel_degree)"
+    r"|moe\.expert_sets\[\d+\]\.num_experts|training\.global_batch_size)$"
+)
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,8 @@ def check_run_config(path: str | Path, nodes: int, gpus_per_node: int,
     try:
         _, mesh = check_run(job_config, world, read_data=False)
     except ConfigError as exc:
+        if not _SHAPE_FIELDS.match(exc.field):
+            raise ConfigError(exc.field, f"{str(exc).removeprefix(f'{exc.field}: ')} (in {path})") from None
         message = str(exc).removeprefix(f"{exc.field}: ")
         raise ConfigError(
             exc.field,

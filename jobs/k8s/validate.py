@@ -2,12 +2,14 @@
 
 * Built-in kinds: the ``kubernetes-validate`` package's bundled OpenAPI
   schemas, strict mode (unknown fields are errors).
-* JobSet: the CRD's own ``openAPIV3Schema`` checked with ``jsonschema``,
-  made strict the way the API server prunes: every object schema that lists
-  its ``properties`` rejects other keys, so a typo such as ``restartStratgy``
-  fails here instead of being silently dropped by the cluster.  The JobSet's
-  metadata and its Job template are additionally checked against the
-  built-in ObjectMeta and batch/v1 Job schemas.
+* Custom resources (JobSet, Kueue's ResourceFlavor / ClusterQueue /
+  LocalQueue): the CRD's own ``openAPIV3Schema`` -- from the pinned CRDs in
+  ``k8s/crds/`` -- checked with ``jsonschema``, made strict the way the API
+  server prunes: every object schema that lists its ``properties`` rejects
+  other keys, so a typo such as ``restartStratgy`` fails here instead of being
+  silently dropped by the cluster.  A custom resource's metadata, and a
+  JobSet's Job templates, are additionally checked against the built-in
+  ObjectMeta and batch/v1 Job schemas.
 
 Needs the dev dependencies (``jsonschema``, ``kubernetes-validate``).
 CEL rules (``x-kubernetes-validations``) and webhooks are not evaluated.
@@ -22,10 +24,12 @@ from pathlib import Path
 
 import yaml
 
-# Oldest Kubernetes release the manifests target: podFailurePolicy and the
-# DisruptionTarget pod condition are GA since 1.31; JobSet needs >= 1.29.
+# The Kubernetes release the manifests target: podFailurePolicy (with onExitCodes)
+# and the DisruptionTarget pod condition are GA since 1.31, backoffLimitPerIndex
+# since 1.33; JobSet needs >= 1.29.
 KUBERNETES_VERSION = "1.33.0"
-JOBSET_VERSION = "v1alpha2"
+# The pinned CRDs (k8s/README.md says which releases) ship with the repository.
+CRD_DIR = Path(__file__).resolve().parents[2] / "k8s" / "crds"
 
 
 @dataclass(frozen=True)
@@ -57,16 +61,22 @@ def _strict(node: object) -> object:
     return out
 
 
-@lru_cache(maxsize=4)
-def jobset_schema(crd_path: str, version: str = JOBSET_VERSION) -> dict:
-    """The strict JSON schema of one JobSet API version, read from the CRD file."""
-    for doc in yaml.safe_load_all(Path(crd_path).read_text()):
-        if not doc or doc.get("kind") != "CustomResourceDefinition":
-            continue
-        for v in doc["spec"]["versions"]:
-            if v["name"] == version:
-                return _strict(copy.deepcopy(v["schema"]["openAPIV3Schema"]))  # type: ignore[return-value]
-    raise ValueError(f"{crd_path} has no CustomResourceDefinition with version {version}")
+@lru_cache(maxsize=8)
+def crd_schemas(crd_dir: str) -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> strict JSON schema, for every served version of every CRD in ``crd_dir``."""
+    schemas = {}
+    for path in sorted(Path(crd_dir).glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            group, kind = doc["spec"]["group"], doc["spec"]["names"]["kind"]
+            for v in doc["spec"]["versions"]:
+                if v.get("served", True):
+                    schema = copy.deepcopy(v["schema"]["openAPIV3Schema"])
+                    schemas[(f"{group}/{v['name']}", kind)] = _strict(schema)
+    if not schemas:
+        raise ValueError(f"no CustomResourceDefinition in {crd_dir}")
+    return schemas
 
 
 def _json_path(error) -> str:
@@ -86,18 +96,20 @@ def _validate_builtin(obj: dict, file: str, version: str, prefix: str = "") -> l
     return []
 
 
-def validate_object(obj: dict, file: str, crd_path: str | Path, version: str = KUBERNETES_VERSION) -> list[Problem]:
+def validate_object(obj: dict, file: str, crd_dir: str | Path = CRD_DIR,
+                    version: str = KUBERNETES_VERSION) -> list[Problem]:
     """All schema problems of one object (empty list when it validates)."""
-    if obj.get("kind") == "JobSet":
-        import jsonschema
+    schema = crd_schemas(str(crd_dir)).get((obj.get("apiVersion", ""), obj.get("kind", "")))
+    if schema is None:
+        return _validate_builtin(obj, file, version)
+    import jsonschema
 
-        if obj.get("apiVersion") != f"jobset.x-k8s.io/{JOBSET_VERSION}":
-            return [Problem(file, "apiVersion", f"expected jobset.x-k8s.io/{JOBSET_VERSION}")]
-        validator = jsonschema.Draft7Validator(jobset_schema(str(crd_path)))
-        problems = [Problem(file, _json_path(e), e.message) for e in validator.iter_errors(obj)]
-        # The CRD leaves metadata open (the API server checks it as ObjectMeta).
-        meta_probe = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj.get("metadata", {})}
-        problems += _validate_builtin(meta_probe, file, version)
+    validator = jsonschema.Draft7Validator(schema)
+    problems = [Problem(file, _json_path(e), e.message) for e in validator.iter_errors(obj)]
+    # CRDs leave metadata open (the API server checks it as ObjectMeta).
+    meta_probe = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj.get("metadata", {})}
+    problems += _validate_builtin(meta_probe, file, version)
+    if obj.get("kind") == "JobSet":
         for i, rjob in enumerate(obj.get("spec", {}).get("replicatedJobs", [])):
             job = {
                 "apiVersion": "batch/v1",
@@ -106,12 +118,11 @@ def validate_object(obj: dict, file: str, crd_path: str | Path, version: str = K
                 "spec": rjob.get("template", {}).get("spec", {}),
             }
             problems += _validate_builtin(job, file, version, prefix=f"spec.replicatedJobs.{i}.template.")
-        return problems
-    return _validate_builtin(obj, file, version)
+    return problems
 
 
 def validate_dir(
-    out_dir: str | Path, crd_path: str | Path, version: str = KUBERNETES_VERSION
+    out_dir: str | Path, crd_dir: str | Path = CRD_DIR, version: str = KUBERNETES_VERSION
 ) -> tuple[int, list[Problem]]:
     """Validate every YAML object under ``out_dir``; return (objects checked, problems)."""
     out_dir = Path(out_dir)
@@ -126,6 +137,6 @@ def validate_dir(
                         problems.append(Problem(path.name, "resources", f"{res} does not exist"))
                 checked += 1
                 continue
-            problems += validate_object(obj, path.name, crd_path, version)
+            problems += validate_object(obj, path.name, crd_dir, version)
             checked += 1
     return checked, problems
