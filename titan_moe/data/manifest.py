@@ -4,7 +4,7 @@ Everything here runs before a process group or a cache directory is touched,
 so a wrong root, a missing stream or a mismatched ``seq_len`` fails at once,
 with a :class:`~titan_moe.errors.ConfigError` naming the field and the stream.
 
-Layout (the Data contract, written by ``titan-moe prep``)::
+Layout (the contract in ``titan_moe.data.contract``, written by ``titan-moe prep``)::
 
     ROOT/manifest.json              {"format": "titan-moe-mds/1", "seq_len", "dtype", ...,
                                      "sources": {name: {"tokens", "sequences", "proportion", ...}}}
@@ -22,12 +22,10 @@ from dataclasses import dataclass
 
 
 from titan_moe import storage
+from titan_moe.data.contract import FORMAT, INDEX, MANIFEST, TOKEN_DTYPES, columns
 from titan_moe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-FORMAT = "titan-moe-mds/1"
-TOKEN_DTYPES = ("uint16", "uint32")
 # Preferred shard checksums, fastest first, when validate_hash = "auto".
 HASH_PREFERENCE = ("xxh64", "xxh3_64", "sha1", "md5")
 
@@ -82,7 +80,7 @@ def read_prep_output(root: str, *, field: str, seq_len: int, sources: list[str] 
     ``data.validation_root``); ``seq_len`` is ``[training].seq_len``, which must
     equal the streams'; ``sources_field`` is the key that named ``sources``.
     """
-    manifest_url = storage.join(root, "manifest.json")
+    manifest_url = storage.join(root, MANIFEST)
     try:
         raw = storage.read_bytes(manifest_url)
     except FileNotFoundError:
@@ -151,7 +149,7 @@ def read_prep_output(root: str, *, field: str, seq_len: int, sources: list[str] 
 
 def _read_stream(root: str, name: str, entry: dict, *, seq_len: int, dtype: str, field: str) -> StreamInfo:
     url = storage.join(root, name)
-    index_url = storage.join(url, "index.json")
+    index_url = storage.join(url, INDEX)
     sequences = int(entry["sequences"])
     try:
         index_raw = storage.read_bytes(index_url)
@@ -167,7 +165,7 @@ def _read_stream(root: str, name: str, entry: dict, *, seq_len: int, dtype: str,
     shards = index.get("shards") or []
     if not shards:
         raise ConfigError(field, f"stream {name!r}: {index_url} lists no shards")
-    want = {"tokens": f"ndarray:{dtype}:{seq_len}", "num_valid": "int32"}
+    want = columns(dtype, seq_len)
     hash_sets = []
     files: set[str] = set()
     max_bytes = 0

@@ -38,7 +38,8 @@ import threading
 import numpy as np
 import torch.distributed as dist
 
-from titan_moe.data.manifest import PrepOutput
+from titan_moe.data.config import DataConfig, parse_bytes
+from titan_moe.data.manifest import PrepOutput, pick_hash
 from titan_moe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -284,3 +285,26 @@ def _as_remote(url: str) -> str:
     if "://" in url and not url.startswith("file://"):
         return url
     return os.path.abspath(url.removeprefix("file://"))
+
+
+def open_store(prep: PrepOutput, names: list[str], cache_dir: str, config: DataConfig) -> ShardStore:
+    limit = parse_bytes(config.cache_limit, "data.cache_limit") if config.cache_limit else None
+    if limit is not None:
+        # Streaming needs room for a few shards in flight (raw + compressed while
+        # decompressing); below that it thrashes or fails mid-run.  Say so up front.
+        biggest = max((prep.streams[n] for n in names), key=lambda s: s.max_shard_bytes)
+        need = 4 * biggest.max_shard_bytes + sum(prep.streams[n].index_bytes for n in names)
+        if limit < need:
+            raise ConfigError(
+                "data.cache_limit",
+                f"{config.cache_limit} is below 4 x the largest shard ({biggest.max_shard_bytes} bytes "
+                f"raw + compressed, stream {biggest.name!r}); raise it to at least {need} bytes",
+            )
+    return ShardStore(
+        prep,
+        names,
+        cache_dir,
+        cache_limit=limit,
+        validate_hash=pick_hash(config.validate_hash, [prep.streams[n] for n in names]),
+        download_timeout=config.download_timeout,
+    )
