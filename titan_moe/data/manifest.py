@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 
 from titan_moe import storage
-from titan_moe.data.contract import FORMAT, INDEX, MANIFEST, TOKEN_DTYPES, columns
+from titan_moe.data import contract
+from titan_moe.data.contract import FORMAT, INDEX, MANIFEST, TOKEN_DTYPES
 from titan_moe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def _read_stream(root: str, name: str, entry: dict, *, seq_len: int, dtype: str,
     shards = index.get("shards") or []
     if not shards:
         raise ConfigError(field, f"stream {name!r}: {index_url} lists no shards")
-    want = columns(dtype, seq_len)
+    want = contract.columns(dtype, seq_len)
     hash_sets = []
     files: set[str] = set()
     max_bytes = 0
