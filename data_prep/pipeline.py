@@ -159,11 +159,10 @@ class _Run:
         self.report.pending = pending
         if pending:
             if self.cfg.finalize:
-                n = self.cfg.shard[1]
                 raise IncompleteRun(
                     "cannot finalize: no shard has written " + "; ".join(
                         f"{s} groups {v[:10]}{' ...' if len(v) > 10 else ''}" for s, v in pending.items())
-                    + f" (records under {self.work.url}); run the missing shards of --shard I/{n} first")
+                    + f" (records under {self.work.url}); run every --shard I/N process of the run first")
             return self.report  # another shard is still at work; it (or --finalize) finalizes
         empty = {}
         for source in todo:
