@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from titan_moe import storage
 from titan_moe.data import contract
+from titan_moe.data.fast_streaming import gc_paused
 from titan_moe.data.contract import FORMAT, INDEX, MANIFEST, TOKEN_DTYPES
 from titan_moe.errors import ConfigError
 
@@ -75,6 +76,12 @@ class PrepOutput:
 
 def read_prep_output(root: str, *, field: str, seq_len: int, sources: list[str] | None = None,
                      sources_field: str = "") -> PrepOutput:
+    with gc_paused():  # ~10^5 index entries: see fast_streaming.gc_paused
+        return _read_prep_output(root, field=field, seq_len=seq_len, sources=sources, sources_field=sources_field)
+
+
+def _read_prep_output(root: str, *, field: str, seq_len: int, sources: list[str] | None,
+                      sources_field: str) -> PrepOutput:
     """Read and check ``root``'s manifest and the indexes of ``sources`` (all when None).
 
     ``field`` is the config key that named ``root`` (``data.root``,

@@ -28,6 +28,7 @@ linger.  Before opening the streams, the node's local leader
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import queue
@@ -40,6 +41,8 @@ import torch.distributed as dist
 
 from titan_moe.data.config import DataConfig, parse_bytes
 from titan_moe.data.manifest import PrepOutput, pick_hash
+from titan_moe import storage
+from titan_moe.data.fast_streaming import indexed_stream_class, streaming_dataset
 from titan_moe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -158,8 +161,6 @@ class ShardStore:
     def __init__(self, prep: PrepOutput, names: list[str], cache_dir: str, *,
                  cache_limit: int | None = None, validate_hash: str | None = None,
                  download_timeout: float = 300.0, field: str = "data.local_cache"):
-        from streaming import Stream, StreamingDataset
-
         self.names = list(names)
         self.seq_len = prep.seq_len
         self.cache_dir = os.path.abspath(cache_dir)
@@ -176,9 +177,12 @@ class ShardStore:
                     f"cache {self.cache_dir}: removed {reaped} stale shared-memory segments and "
                     f"{tidied} leftover files of an earlier run"
                 )
+            for d, n in zip(local_dirs, self.names):
+                _place_index(prep.streams[n], d, field)
         _barrier()
+        stream_class = indexed_stream_class()
         streams = [
-            Stream(
+            stream_class(
                 remote=_as_remote(prep.streams[n].url),
                 local=d,
                 download_retry=2,
@@ -189,7 +193,8 @@ class ShardStore:
         ]
         try:
             # batch_size only matters to StreamingDataset.__iter__, which we never call.
-            self.dataset = StreamingDataset(streams=streams, batch_size=1, cache_limit=cache_limit)
+            # O(shards) sample lookup instead of streaming's one int64 per sample (spanner.py).
+            self.dataset = streaming_dataset(streams=streams, batch_size=1, cache_limit=cache_limit)
         except BaseException as exc:
             if self._claim is not None:  # let a retry in this process claim the cache again
                 self._claim.release()
@@ -224,8 +229,7 @@ class ShardStore:
     # -- background download ----------------------------------------------------
     def prefetch(self, source: np.ndarray, sample: np.ndarray) -> None:
         """Start downloading the shards of these samples (no-op for shards already queued)."""
-        for s, i in zip(source.tolist(), sample.tolist()):
-            shard = self.shard_of(s, i)
+        for shard in self.dataset.spanner.shards_of(self.offsets[source] + sample).tolist():
             if shard not in self._queued:
                 if len(self._queued) > 4096:
                     self._queued.clear()
@@ -259,6 +263,19 @@ class ShardStore:
             _unlink_own_shared_memory(self.dataset._shm_prefix_int)
             self._claim.release()
             self._claim = None
+
+
+def _place_index(stream, local_dir: str, field: str) -> None:
+    """Copy the stream's index.json into its cache dir, refusing one that changed since the check."""
+    raw = storage.read_bytes(storage.join(stream.url, "index.json"))
+    if hashlib.sha256(raw).hexdigest() != stream.index_sha256:
+        raise ConfigError(field, f"stream {stream.name!r}: {stream.url}/index.json changed while the job started "
+                                 "(a prep run writing into this root?); restart the job once prep is done")
+    os.makedirs(local_dir, exist_ok=True)
+    tmp = os.path.join(local_dir, f"index.json.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(raw)
+    os.replace(tmp, os.path.join(local_dir, "index.json"))
 
 
 def _unlink_own_shared_memory(prefix: int) -> None:
