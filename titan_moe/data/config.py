@@ -132,6 +132,10 @@ class DataConfig:
     predownload: int = 0
     """Samples per rank whose shards are fetched ahead in the background; 0 = 8 x batch."""
 
+    format: str = "titan-moe"
+    """"titan-moe" (`titan-moe prep` output) or "llm-foundry": MDS folders written by llm-foundry's
+    convert_dataset_hf/json with --concat_tokens (see titan_moe.data.foundry)."""
+
     def check(self) -> None:
         """Checks that need no manifest; raises ConfigError naming the field."""
         if not self.root:
@@ -176,6 +180,8 @@ class DataConfig:
             parse_bytes(self.cache_limit, "data.cache_limit")
         if self.download_timeout <= 0:
             raise ConfigError("data.download_timeout", "must be positive (seconds)")
+        if self.format not in ("titan-moe", "llm-foundry"):
+            raise ConfigError("data.format", f"{self.format!r} is not a format; use \"titan-moe\" or \"llm-foundry\"")
         if self.predownload < 0:
             raise ConfigError("data.predownload", "must be >= 0 (0 = 8 x local batch size)")
 

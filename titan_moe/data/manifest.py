@@ -155,10 +155,15 @@ def _read_prep_output(root: str, *, field: str, seq_len: int, sources: list[str]
     )
 
 
-def _read_stream(root: str, name: str, entry: dict, *, seq_len: int, dtype: str, field: str) -> StreamInfo:
-    url = storage.join(root, name)
+def _read_stream(root: str, name: str, entry: dict, *, seq_len: int, dtype: str, field: str,
+                 url: str | None = None, allowed: dict[str, tuple[str, ...]] | None = None) -> StreamInfo:
+    """One stream's index, checked: ``entry`` is its manifest entry (``sequences`` may be absent).
+
+    ``allowed`` maps column -> accepted encodings (default: exactly the
+    contract's columns); ``url`` overrides ``root/name``.
+    """
+    url = url or storage.join(root, name)
     index_url = storage.join(url, INDEX)
-    sequences = int(entry["sequences"])
     try:
         index_raw = storage.read_bytes(index_url)
         index = json.loads(index_raw)
@@ -173,25 +178,27 @@ def _read_stream(root: str, name: str, entry: dict, *, seq_len: int, dtype: str,
     shards = index.get("shards") or []
     if not shards:
         raise ConfigError(field, f"stream {name!r}: {index_url} lists no shards")
-    want = contract.columns(dtype, seq_len)
+    if allowed is None:
+        allowed = {column: (encoding,) for column, encoding in contract.columns(dtype, seq_len).items()}
     hash_sets = []
     files: set[str] = set()
     max_bytes = 0
     for i, shard in enumerate(shards):
         columns = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
-        for column, encoding in want.items():
-            if columns.get(column) != encoding:
+        for column, encodings in allowed.items():
+            if columns.get(column) not in encodings:
                 raise ConfigError(
                     field,
                     f"stream {name!r} shard {i} stores column {column!r} as {columns.get(column)!r}, "
-                    f"expected {encoding!r} (seq_len {seq_len}, dtype {dtype} from the manifest); "
-                    "the stream and the manifest disagree -- re-prep the stream",
+                    f"expected {' or '.join(map(repr, encodings))} (seq_len {seq_len}, dtype {dtype}); "
+                    "the stream and its manifest disagree -- re-prep the stream",
                 )
         hash_sets.append(set((shard.get("zip_data") or shard.get("raw_data") or {}).get("hashes", {})))
         parts = [part for part in (shard.get("raw_data"), shard.get("zip_data")) if part]
         files.update(part["basename"] for part in parts)
         max_bytes = max(max_bytes, sum(int(part.get("bytes", 0)) for part in parts))
     shard_samples = tuple(int(s["samples"]) for s in shards)
+    sequences = int(entry.get("sequences", sum(shard_samples)))
     if sum(shard_samples) != sequences:
         raise ConfigError(
             field,

@@ -12,6 +12,8 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from titan_moe.data.foundry import FORMAT_NAME as FOUNDRY
+from titan_moe.data.foundry import read_foundry_output
 from titan_moe.data.manifest import PrepOutput, read_prep_output
 from titan_moe.data.mixture import MixturePlan, plan_mixture
 from titan_moe.data.order import SampleOrder
@@ -50,7 +52,8 @@ def prepare(config: DataConfig, seq_len: int, dump_folder: str = "") -> StreamSe
     wanted = None
     if isinstance(config.mixture, dict):
         wanted = sorted(n for n, p in config.mixture.items() if float(p) > 0)
-    prep = read_prep_output(config.root, field="data.root", seq_len=seq_len, sources=wanted,
+    reader = read_foundry_output if config.format == FOUNDRY else read_prep_output
+    prep = reader(config.root, field="data.root", seq_len=seq_len, sources=wanted,
                             sources_field="data.mixture")
     plan = plan_mixture(config, prep.streams, seq_len, prep.listed)
     order = SampleOrder(
@@ -82,5 +85,6 @@ def check_validation_root(job_config: Any) -> PrepOutput:
             "is empty but [validation].enable is true; point it at a `titan-moe prep` output "
             "of held-out data, or disable validation",
         )
-    return read_prep_output(config.validation_root, field="data.validation_root",
+    reader = read_foundry_output if config.format == FOUNDRY else read_prep_output
+    return reader(config.validation_root, field="data.validation_root",
                             seq_len=job_config.training.seq_len)

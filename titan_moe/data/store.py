@@ -217,10 +217,20 @@ class ShardStore:
         num_valid = np.empty(len(source), dtype=np.int64)
         for row, (s, i) in enumerate(zip(source.tolist(), sample.tolist())):
             item = self.dataset.get_item(int(self.offsets[s]) + i)
+            ids = item["tokens"]
+            if isinstance(ids, bytes):  # llm-foundry's older `bytes` column: int64 ids
+                ids = np.frombuffer(ids, dtype=np.int64)
+            if len(ids) != self.seq_len:
+                raise ConfigError(
+                    "training.seq_len",
+                    f"is {self.seq_len} but sample {i} of stream {self.names[s]!r} holds {len(ids)} tokens; "
+                    f"set training.seq_len = {len(ids)} (the dataset's --concat_tokens)",
+                )
             # MDS decodes into a read-only view of the shard; assigning copies and widens
-            # uint16/uint32 -> int64 by value (never a reinterpreting view).
-            tokens[row] = item["tokens"]
-            num_valid[row] = int(item["num_valid"])
+            # uint16/uint32/int32 -> int64 by value (never a reinterpreting view).
+            tokens[row] = ids
+            # No num_valid column (llm-foundry): every token is real.
+            num_valid[row] = int(item["num_valid"]) if "num_valid" in item else self.seq_len
         return tokens, num_valid
 
     def shard_of(self, source: int, sample: int) -> int:
