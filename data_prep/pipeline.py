@@ -22,8 +22,9 @@ Run order and why:
    single-machine run, for the last of N shards to finish, or under
    ``--finalize`` -- finalize (``finalize.py``): tails, indexes, manifests.
 
-Where files go: token files always on this machine (``OUTPUT/_work`` for a
-local output, else ``$TMPDIR/titan-moe-prep/<hash of the work URL>``); group
+Where files go: token files always on this machine, in a directory of this
+shard's own (``<work>/tokens-I-of-N`` for a local work dir, else
+``$TMPDIR/titan-moe-prep/<hash of the work URL>/tokens-I-of-N``); group
 records in the *work store* (``--work-dir``; default ``OUTPUT/_work`` for a
 local output or a sharded run, where shards must share it, else the same
 local temp directory: a single-machine run with remote output uploads
@@ -104,12 +105,15 @@ class _Run:
         self.tok = load_tokenizer(cfg.tokenizer)
         self.out = Store(cfg.output, cfg.retry)
         self.work = Store(default_work_url(cfg), cfg.retry)
-        self.tokens = self.work if not self.work.remote else Store(local_dir_for(self.work.url))
+        # Each shard its own token dir: shards sharing a machine never touch each other's
+        # files, and a re-run of the same shard reuses what it tokenized.
+        base = self.work.root if not self.work.remote else local_dir_for(self.work.url)
+        self.tokens = Store(os.path.join(base, "tokens-{}-of-{}".format(*cfg.shard)))
         Store(cfg.input_root, cfg.retry).check_access("INPUT_ROOT")
         self.out.check_access("OUTPUT_URL")
         self.work.check_access("--work-dir")
         self.report = RunReport(manifest={})
-        for root in {self.tokens.root, *([] if self.out.remote else [self.out.root])}:
+        for root in {base, *([] if self.out.remote else [self.out.root])}:
             self.report.temp_files_removed += len(remove_dead_temp_files(root))
         in_fs, in_root = filesystem(cfg.input_root, retries=cfg.retry.attempts)
         self.files = discover(in_fs, in_root, cfg.sources)
@@ -157,6 +161,7 @@ class _Run:
             if missing:
                 pending[source] = missing
         self.report.pending = pending
+        self._tidy_local_dirs(self.tokens)
         if pending:
             if self.cfg.finalize:
                 raise IncompleteRun(
@@ -182,25 +187,22 @@ class _Run:
             else:
                 empty[source] = result
         self.report.manifest = self.finalizer.write_mixture()
-        self._tidy_local_dirs()
+        self._tidy_local_dirs(self.work)
         if empty:
             raise EmptySources(empty_message(empty))
         if not self.report.manifest:
             raise EmptySources("the run yielded zero tokens: no complete stream in " + self.out.url)
         return self.report
 
-    def _tidy_local_dirs(self) -> None:
-        """Remove the empty directories finished groups leave in local work dirs."""
-        if self.cfg.keep_work:
+    def _tidy_local_dirs(self, store: Store) -> None:
+        """Remove the empty directories finished groups leave under a local ``store``."""
+        if self.cfg.keep_work or store.remote:
             return
-        for store in (self.tokens, self.work):
-            if store.remote:
-                continue
-            for dirpath, _, _ in sorted(os.walk(store.root), key=lambda entry: -len(entry[0])):
-                try:
-                    os.rmdir(dirpath)  # only succeeds when empty: other sources' work stays
-                except OSError:
-                    pass
+        for dirpath, _, _ in sorted(os.walk(store.root), key=lambda entry: -len(entry[0])):
+            try:
+                os.rmdir(dirpath)  # only succeeds when empty: other sources' work stays
+            except OSError:
+                pass
 
     # -- this shard's groups ------------------------------------------------------
     def _write_groups(self, mine: list[FileGroup]) -> None:
