@@ -1,6 +1,7 @@
 """Tokens/s of ``titan-moe prep`` against raw batch tokenization, same cores.
 
-    python -m benchmarks.prep_throughput [--docs 20000] [--files 16] [--workers 1,2]
+    python -m benchmarks.prep_throughput [--docs 20000] [--files 16] [--workers 1,2] [--shards N]
+                                          [--group-size 1gb]
 
 For each worker count W it measures, on one generated corpus:
 
@@ -10,6 +11,13 @@ For each worker count W it measures, on one generated corpus:
 * **prep**: ``run_prep(workers=W)`` end to end on the compressed files: pool
   start-up, decompression, JSON, tokenization, token files, MDS shards,
   hashes, manifests.
+
+With ``--shards N`` the prep side is N ``titan-moe prep --shard I/N``
+processes at once (each with W workers; the last one finalizes), against raw
+with N x W threads: tokens/s per core on the same footing.  Each row also
+prints the peak intermediate token bytes a process held (its file groups in
+flight; ``RunReport.peak_work_bytes``) next to the whole corpus's token bytes,
+which is what a tokenize-everything-first design would hold.
 
 Both count the same tokens (document tokens plus one EOS per document), so
 ``ratio = prep tok/s / raw tok/s = raw time / prep time``; the aim is >= 0.8.
@@ -91,17 +99,32 @@ def raw_speed(tokenizer_path: Path, texts_path: Path, workers: int, batch: int) 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def prep_speed(corpus: Path, out: Path, tokenizer: str, workers: int, seq_len: int) -> dict:
-    from data_prep.config import PrepConfig
-    from data_prep.pipeline import run_prep
-
+def prep_speed(corpus: Path, out: Path, tokenizer: str, workers: int, seq_len: int, shards: int,
+               group_size: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    if shards == 1:
+        from data_prep.config import PrepConfig
+        from data_prep.pipeline import run_prep
+
+        start = time.perf_counter()
+        report = run_prep(PrepConfig(input_root=str(corpus), output=str(out), tokenizer=tokenizer, seq_len=seq_len,
+                                     workers=workers, progress=False, group_size=group_size))
+        elapsed = time.perf_counter() - start
+        tokens = sum(s["tokens"] for s in report.manifest["sources"].values())
+        return {"tokens": tokens, "seconds": elapsed, "peak_work_bytes": report.peak_work_bytes}
+    # N processes as N machines would run them (same command, --shard I/N).
+    cmd = [sys.executable, "-m", "titan_moe.cli", "prep", str(corpus), str(out), "--tokenizer", tokenizer,
+           "--seq-len", str(seq_len), "--workers", str(workers), "--group-size", group_size, "--no-progress"]
     start = time.perf_counter()
-    report = run_prep(PrepConfig(input_root=str(corpus), output=str(out), tokenizer=tokenizer, seq_len=seq_len,
-                                 workers=workers, progress=False))
+    procs = [subprocess.Popen([*cmd, "--shard", f"{i}/{shards}"], stdout=subprocess.PIPE, text=True)
+             for i in range(shards)]
+    summaries = [json.loads(p.communicate()[0]) for p in procs]
     elapsed = time.perf_counter() - start
-    tokens = sum(s["tokens"] for s in report.manifest["sources"].values())
-    return {"tokens": tokens, "seconds": elapsed}
+    if any(p.returncode for p in procs):
+        raise SystemExit("a shard process failed")
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"tokens": sum(s["tokens"] for s in manifest["sources"].values()), "seconds": elapsed,
+            "peak_work_bytes": max(s["peak_work_bytes"] for s in summaries)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=16)
     p.add_argument("--workers", default=None, help="comma-separated worker counts (default: 1 and all cores)")
     p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--shards", type=int, default=1, help="concurrent --shard I/N processes (default 1)")
+    p.add_argument("--group-size", default="1gb", help="prep --group-size (default 1gb)")
     p.add_argument("--tokenizer", default=str(SHARED_TOKENIZER) if SHARED_TOKENIZER.exists() else None,
                    help="tokenizer.json path (default: the shared OLMoE copy)")
     args = p.parse_args(argv)
@@ -131,14 +156,21 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(f.stat().st_size for f in (tmp_path / "corpus").rglob("*") if f.is_file())
         print(f"corpus: {len(texts)} docs in {args.files} files ({size / 2**20:.1f} MiB compressed), "
               f"seq_len {args.seq_len}, {cores} cores")
-        print(f"{'workers':>7} {'raw tok/s':>12} {'prep tok/s':>12} {'ratio':>6}")
+        print(f"shards {args.shards}, group size {args.group_size}")
+        print(f"{'workers':>7} {'cores':>5} {'raw tok/s/core':>15} {'prep tok/s/core':>16} {'ratio':>6} "
+              f"{'peak work MiB':>14} {'all tokens MiB':>15}")
+        itemsize = 2 if tok.dtype == "uint16" else 4
         for w in workers:
-            raw = raw_speed(tok_path, texts_path, w, batch=512)
-            prep = prep_speed(tmp_path / "corpus", tmp_path / f"out-{w}", args.tokenizer, w, args.seq_len)
+            cores_used = w * args.shards
+            raw = raw_speed(tok_path, texts_path, cores_used, batch=512)
+            prep = prep_speed(tmp_path / "corpus", tmp_path / f"out-{w}", args.tokenizer, w, args.seq_len,
+                              args.shards, args.group_size)
             assert prep["tokens"] == raw["tokens"], (prep["tokens"], raw["tokens"])
-            raw_tps = raw["tokens"] / raw["seconds"]
-            prep_tps = prep["tokens"] / prep["seconds"]
-            print(f"{w:>7} {raw_tps:>12,.0f} {prep_tps:>12,.0f} {prep_tps / raw_tps:>6.2f}", flush=True)
+            raw_tps = raw["tokens"] / raw["seconds"] / cores_used
+            prep_tps = prep["tokens"] / prep["seconds"] / cores_used
+            print(f"{w:>7} {cores_used:>5} {raw_tps:>15,.0f} {prep_tps:>16,.0f} {prep_tps / raw_tps:>6.2f} "
+                  f"{prep['peak_work_bytes'] / 2**20:>14.2f} {prep['tokens'] * itemsize / 2**20:>15.2f}",
+                  flush=True)
     return 0
 
 

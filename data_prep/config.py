@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from titan_moe.errors import ConfigError
+from titan_moe.storage import RetryPolicy
 
 # The OLMoE tokenizer on the Hugging Face hub.  Tests pass the copy in
 # ../shared/data/tokenizers/ instead, because the hub is not reachable there.
@@ -31,28 +32,6 @@ def parse_size(value: int | str) -> int:
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
-    """How writes to object storage are retried.
-
-    A failed upload is tried ``retries`` more times, sleeping
-    ``backoff_s * 2**attempt`` (capped at ``max_backoff_s``) in between, then
-    fails with an error naming the object.  Bounded on purpose: a store that
-    is down should stop the run quickly, and a re-run resumes it.
-    """
-
-    retries: int = 4
-    backoff_s: float = 0.5
-    max_backoff_s: float = 10.0
-
-    @property
-    def attempts(self) -> int:
-        return self.retries + 1
-
-    def sleep_s(self, attempt: int) -> float:
-        return min(self.backoff_s * (2**attempt), self.max_backoff_s)
-
-
-@dataclass(frozen=True)
 class PrepConfig:
     """One prep run: what to read, where to write, how to tokenize.
 
@@ -67,9 +46,19 @@ class PrepConfig:
         sources: sources to include (None: every source found).
         workers: tokenizer processes; 1 tokenizes in this process.
         shard_size: uncompressed bytes per MDS shard (``"64mb"`` or an int).
-        work_dir: where phase-1 token files go (default ``output/_work``).
-            Put it on local disk to avoid a round trip through object storage.
-        keep_work: keep the work directory after a source is complete.
+        work_dir: the work location shards of a run share: group records and
+            tails (small).  Default: ``OUTPUT/_work`` for local output or a
+            sharded run; a local temp directory for a single-machine run with
+            remote output (nothing is uploaded needlessly).  Token files always
+            stay on this machine's disk (see ``data_prep.pipeline``).
+        keep_work: keep the work files after a source is complete.
+        shard: this process's share, ``(I, N)``: the file groups
+            ``data_prep.groups.assign`` gives shard I of N.
+        sharded: True when ``--shard`` or ``JOB_COMPLETION_INDEX``/``JOB_COMPLETIONS``
+            was given (the work location must then be shared).
+        finalize: only finalize (tails, indexes, manifests) from the work of every shard.
+        group_size: input bytes per file group (``"1gb"``): the unit written as
+            soon as it is tokenized, and shared out between shards.
         retry: retry policy for object-storage writes.
         progress: show progress bars.
     """
@@ -85,6 +74,10 @@ class PrepConfig:
     keep_work: bool = False
     retry: RetryPolicy = RetryPolicy()
     progress: bool = True
+    shard: tuple[int, int] = (0, 1)
+    sharded: bool = False
+    finalize: bool = False
+    group_size: int | str = "1gb"
 
     def __post_init__(self) -> None:
         if not self.input_root:
@@ -105,6 +98,14 @@ class PrepConfig:
         if shard_bytes < minimum:
             raise ConfigError("--shard-size", f"{self.shard_size} cannot hold one {self.seq_len}-token sequence; "
                                               f"use at least {minimum} bytes (64mb is typical)")
+        i, n = self.shard
+        if n < 1 or not 0 <= i < n:
+            raise ConfigError("--shard", f"{i}/{n}: need 0 <= I < N")
+        try:
+            if parse_size(self.group_size) < 1:
+                raise ValueError
+        except ValueError:
+            raise ConfigError("--group-size", f"{self.group_size!r} is not a positive size; write e.g. 1gb") from None
         if self.retry.retries < 0 or self.retry.backoff_s < 0:
             raise ConfigError("--retries", "retries and backoff must be non-negative")
         if self.sources is not None:

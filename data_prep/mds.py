@@ -65,8 +65,9 @@ class MDSShardWriter:
     """
 
     def __init__(self, directory: str, columns: dict[str, str], size_limit: int,
-                 publish: Callable[[str], None]):
+                 publish: Callable[[str], None], prefix: str = ""):
         self.directory = directory
+        self.prefix = prefix  # shard names are shard.<prefix>NNNNN.mds(.zstd)
         self.names = sorted(columns)
         self.sizes = [column_size(columns[name]) for name in self.names]
         self.size_limit = size_limit
@@ -106,7 +107,7 @@ class MDSShardWriter:
         sizes = np.array([0] + [len(s) for s in self.samples], dtype=np.int64)
         offsets = (sizes.cumsum() + 4 + 4 * (n + 1) + len(self.config_bytes)).astype("<u4")
         raw = np.uint32(n).astype("<u4").tobytes() + offsets.tobytes() + self.config_bytes + b"".join(self.samples)
-        raw_name = f"shard.{len(self.shards):05}.mds"
+        raw_name = f"shard.{self.prefix}{len(self.shards):05}.mds"
         zip_name = f"{raw_name}.zstd"
         compressed = self.compressor.compress(raw)
         with open(os.path.join(self.directory, zip_name), "wb") as f:
@@ -121,10 +122,20 @@ class MDSShardWriter:
         self.shard_bytes = self.header_bytes
         self.publish(zip_name)
 
-    def finish(self) -> dict:
+    def close(self) -> list[dict]:
+        """Flush the last shard; returns every shard's index entry."""
         if self.samples:
             self._flush()
-        index = {"version": 2, "shards": self.shards}
-        with open(os.path.join(self.directory, "index.json"), "w") as f:
-            json.dump(index, f, sort_keys=True)
-        return index
+        return self.shards
+
+    def finish(self) -> dict:
+        """``close()``, then write ``index.json`` into the directory (a single-writer stream)."""
+        index = index_json(self.close())
+        with open(os.path.join(self.directory, "index.json"), "wb") as f:
+            f.write(index)
+        return json.loads(index)
+
+
+def index_json(shards: list[dict]) -> bytes:
+    """An MDS ``index.json`` over shard entries, as MDSWriter spells it (sorted keys)."""
+    return json.dumps({"version": 2, "shards": shards}, sort_keys=True).encode()

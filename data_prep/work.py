@@ -1,19 +1,20 @@
 """Phase 1: one input file -> one committed token file in the work directory.
 
-For input ``data/<source>/<relpath>`` a worker writes, under the work root
-(default ``OUTPUT/_work``):
+For input ``data/<source>/<relpath>`` a worker writes, under the local token
+directory (see ``data_prep.layout``; always on this machine's disk):
 
 ``<source>/<relpath>.tokens``
     the ids of every accepted document, each followed by EOS, in line order,
     as raw little-endian ``uint16``/``uint32`` (no header: phase 2 streams it).
 ``<source>/<relpath>.json``
     the done-marker: format, tokenizer sha256, EOS id, dtype and the file's
-    :class:`~data_prep.manifest.FileStats`.  Written after the token file
+    :class:`~titan_moe.data.contract.FileStats`.  Written after the token file
     (atomically), so its presence means the token file is complete.
 
 A file is skipped when its marker matches the current tokenizer, EOS, dtype
 and input size and the token file has the recorded length; otherwise it is
-tokenized again from scratch.  Workers run with ``TOKENIZERS_PARALLELISM``
+tokenized again from scratch.  The token files of a file group are deleted
+as soon as the group's MDS shards are written (``writer.write_group``).  Workers run with ``TOKENIZERS_PARALLELISM``
 off, so ``--workers N`` uses N cores — the same footing the benchmark's
 baseline gets.
 """
@@ -23,16 +24,16 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from data_prep.config import RetryPolicy
-from data_prep.manifest import WORK_FORMAT, FileStats
+from titan_moe.data.contract import FileStats
 from data_prep.sources import InputFile, LineReader, parse_document
-from data_prep.storage import StorageError, Store, filesystem, is_remote
+from titan_moe.storage import TMP_MARK, RetryPolicy, StorageError, Store, filesystem, is_url
+
+WORK_FORMAT = "titan-moe-work/1"
 
 # A batch is tokenized in one encode_batch call: large enough that the Rust
 # call dominates Python overhead, small enough to bound memory per worker.
@@ -48,7 +49,7 @@ class WorkSettings:
     """What every worker needs; small and picklable."""
 
     input_url: str
-    work_url: str
+    work_url: str  # the local token directory
     retry: RetryPolicy
     tokenizer_json: str
     tokenizer_sha256: str
@@ -73,8 +74,8 @@ class Worker:
         self.s = settings
         # In-process runs pass the parent's tokenizer; pool workers rebuild it from JSON.
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_str(settings.tokenizer_json)
-        self.input_fs, _ = filesystem(settings.input_url, internal_retries=settings.retry.attempts)
-        self.input_protocol = "" if not is_remote(settings.input_url) else settings.input_url.split("://", 1)[0]
+        self.input_fs, _ = filesystem(settings.input_url, retries=settings.retry.attempts)
+        self.input_protocol = "" if not is_url(settings.input_url) else settings.input_url.split("://", 1)[0]
         self.work = Store(settings.work_url, settings.retry)
         self.progress = progress or (lambda *args: None)
         self.np_dtype = np.dtype(settings.dtype).newbyteorder("<")
@@ -120,13 +121,10 @@ class Worker:
             return done, True
         # A stale marker must not vouch for the new token file while it is written.
         self.work.delete(marker_key(f))
-        if self.work.remote:
-            fd, tmp = tempfile.mkstemp(prefix="titan-moe-tokens-")
-            os.close(fd)
-        else:
-            target = self.work.path(token_key(f))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{os.getpid()}"
+        target = self.work.path(token_key(f))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        # Named after this process: a run after a SIGKILL removes it (storage.remove_dead_temp_files).
+        tmp = f"{target}{TMP_MARK}{os.getpid()}"
         try:
             stats = self._tokenize(f, tmp)
             self.work.put_file(tmp, token_key(f), move=True)

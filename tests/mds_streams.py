@@ -83,3 +83,24 @@ def write_prep_output(root: str | os.PathLike, sources: dict[str, int], *, seq_l
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return root
+
+
+def write_foundry_output(folder: str | os.PathLike, count: int, *, seq_len: int, source_index: int = 0,
+                         encoding: str = "ndarray:int32", vocab: int | None = None) -> Path:
+    """One MDS folder as llm-foundry's ``convert_dataset_hf/json --concat_tokens seq_len`` writes it.
+
+    A single column ``tokens`` -- ``ndarray:int32`` (current llm-foundry) or
+    ``bytes`` holding int64 ids (older versions) -- zstd, no ``num_valid``,
+    no manifest; samples as :func:`sample_tokens` (ids fit int32).
+    """
+    folder = Path(folder)
+    with MDSWriter(out=str(folder), columns={"tokens": encoding}, compression="zstd", size_limit=1 << 11) as writer:
+        for i in range(count):
+            tokens = sample_tokens(source_index, i, seq_len)
+            if vocab is not None:
+                tokens = 2 + tokens % (vocab - 2)
+            if encoding == "bytes":
+                writer.write({"tokens": tokens.astype(np.int64).tobytes()})
+            else:
+                writer.write({"tokens": tokens.astype(np.int32)})
+    return folder

@@ -203,3 +203,22 @@ def verify_stream_files(stream_dir: Path) -> int:
         raw = zstandard.ZstdDecompressor().decompress(blob)
         assert hashlib.sha1(raw).hexdigest() == shard["raw_data"]["hashes"]["sha1"]
     return len(index["shards"])
+
+
+def prep_command(input_root: str, output: str, *flags: str) -> list[str]:
+    """``titan-moe prep INPUT_ROOT OUTPUT_URL FLAGS`` as a separate process (the CLI contract)."""
+    import sys
+
+    return [sys.executable, "-m", "titan_moe.cli", "prep", input_root, output, "--tokenizer", str(TOKENIZER),
+            "--no-progress", *flags]
+
+
+def big_corpus(root: Path, sources: dict[str, int], seed: int = 5, docs_per_file: int = 400) -> Path:
+    """Plain-text corpus: ``sources`` maps name -> number of .jsonl files of ``docs_per_file`` docs."""
+    rng = random.Random(seed)
+    for source, n_files in sources.items():
+        (root / "data" / source).mkdir(parents=True, exist_ok=True)
+        for i in range(n_files):
+            lines = b"".join(jline(random_text(rng, (20, 200))) for _ in range(docs_per_file))
+            (root / "data" / source / f"part-{i:03}.jsonl").write_bytes(lines)
+    return root

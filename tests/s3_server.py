@@ -128,6 +128,8 @@ class FaultProxy:
         self._rules: list[_Rule] = []
         self._lock = threading.Lock()
         self.cut_paths: list[str] = []
+        self._denied: list[re.Pattern] = []
+        self.denied_paths: list[str] = []
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
 
@@ -148,9 +150,21 @@ class FaultProxy:
         with self._lock:
             self._rules.append(_Rule(re.compile(pattern), methods, times, after_bytes))
 
+    def deny(self, pattern: str) -> None:
+        with self._lock:
+            self._denied.append(re.compile(pattern))
+
     def clear(self) -> None:
         with self._lock:
             self._rules.clear()
+            self._denied.clear()
+
+    def _is_denied(self, path: str) -> bool:
+        with self._lock:
+            if any(p.search(path) for p in self._denied):
+                self.denied_paths.append(path)
+                return True
+        return False
 
     # -- plumbing -----------------------------------------------------------------
     def _take_rule(self, method: str, path: str) -> _Rule | None:
@@ -210,6 +224,14 @@ class FaultProxy:
                     if ":" in line:
                         k, v = line.split(":", 1)
                         headers[k.strip().lower()] = v.strip()
+                if self._is_denied(path):
+                    if "content-length" in headers:
+                        reader.read_exact(int(headers["content-length"]))
+                    body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                            b'<Message>Access Denied</Message><RequestId>fault-proxy</RequestId></Error>')
+                    client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\n"
+                                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                    continue
                 rule = self._take_rule(method, path)
                 upstream.sendall(head)
                 if "content-length" in headers:

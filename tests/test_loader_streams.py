@@ -261,7 +261,7 @@ def test_a_source_added_later_only_matters_to_runs_that_read_it(base_job, tmp_pa
 
 
 def test_preflight_check_touches_nothing(base_job, tmp_path):
-    from titan_moe.data.loader import check_data_config
+    from titan_moe.data.config import check_data_config
 
     root = write_prep_output(tmp_path / "mix", {"a": 5, "b": 5}, seq_len=SEQ)
     config = job(base_job, tmp_path, root, repeat={"a": 3})

@@ -209,18 +209,27 @@ def test_cli_runs_and_reports_errors(corpus, tmp_path, capsys):
     assert "--tokenizer:" in capsys.readouterr().err
 
 
-def test_a_source_with_only_bad_records_is_counted_not_fatal(tmp_path):
+def test_a_source_with_only_bad_records_fails_naming_it(tmp_path, capsys):
     root = tmp_path / "corpus"
     (root / "data" / "junk").mkdir(parents=True)
     (root / "data" / "junk" / "a.jsonl").write_bytes(b'{"text": ""}\nnot json\n\n{"id": 1}\n')
-    report = run_prep(config(root, tmp_path / "out"))
-    assert report.manifest["sources"]["junk"] == {
-        "tokens": 0, "sequences": 0, "shards": 0, "files": 1, "docs_read": 3, "docs_written": 0,
-        "docs_rejected": 3, "rejected_by_reason": {"empty_text": 1, "invalid_json": 1, "missing_text": 1},
-        "proportion": 0.0,
-    }
-    # An empty but valid stream: readers see zero samples, never a dangling shard.
-    assert json.loads((tmp_path / "out" / "junk" / "index.json").read_text()) == {"shards": [], "version": 2}
+    (root / "data" / "good").mkdir(parents=True)
+    (root / "data" / "good" / "a.jsonl").write_bytes(b'{"text": "hello world"}\n')
+    out = tmp_path / "out"
+    args = [str(root), str(out), "--tokenizer", str(TOKENIZER), "--seq-len", str(SEQ_LEN), "--workers", "1",
+            "--no-progress"]
+    assert prep_main(args) == 4
+    err = capsys.readouterr().err
+    assert ("titan-moe prep: error: source 'junk' yielded zero tokens (every document rejected: "
+            "1 empty_text, 1 invalid_json, 1 missing_text). No index was written for it") in err
+    # No empty index that stock streaming would refuse; the good source is complete and in the mixture.
+    assert not (out / "junk" / "index.json").exists() and not (out / "junk" / "manifest.json").exists()
+    assert list(json.loads((out / "manifest.json").read_text())["sources"]) == ["good"]
+
+    # A whole run of nothing: non-zero, no manifest at all.
+    assert prep_main([str(root), str(tmp_path / "out2")] + args[2:] + ["--sources", "junk"]) == 4
+    assert "source 'junk' yielded zero tokens" in capsys.readouterr().err
+    assert not (tmp_path / "out2" / "manifest.json").exists()
 
 
 def test_large_vocabulary_is_stored_as_uint32(tmp_path):

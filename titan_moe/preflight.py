@@ -163,6 +163,6 @@ def check_dataset(job_config: Any, *, read_data: bool = True) -> None:
             return
         # Imported on use: the loader pulls in MosaicML streaming, which synthetic runs,
         # describe and the k8s renderer do not need.
-        from titan_moe.data.loader import check_data_config
+        from titan_moe.data.config import check_data_config
 
         check_data_config(job_config)

@@ -69,7 +69,10 @@ build nested sections, which string annotations would defeat.
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
+from titan_moe.data.mixture import MixturePlan
+from titan_moe.data.setup import check_validation_root, prepare
 from titan_moe.errors import ConfigError
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}
@@ -129,6 +132,10 @@ class DataConfig:
     predownload: int = 0
     """Samples per rank whose shards are fetched ahead in the background; 0 = 8 x batch."""
 
+    format: str = "titan-moe"
+    """"titan-moe" (`titan-moe prep` output) or "llm-foundry": MDS folders written by llm-foundry's
+    convert_dataset_hf/json with --concat_tokens (see titan_moe.data.foundry)."""
+
     def check(self) -> None:
         """Checks that need no manifest; raises ConfigError naming the field."""
         if not self.root:
@@ -173,6 +180,8 @@ class DataConfig:
             parse_bytes(self.cache_limit, "data.cache_limit")
         if self.download_timeout <= 0:
             raise ConfigError("data.download_timeout", "must be positive (seconds)")
+        if self.format not in ("titan-moe", "llm-foundry"):
+            raise ConfigError("data.format", f"{self.format!r} is not a format; use \"titan-moe\" or \"llm-foundry\"")
         if self.predownload < 0:
             raise ConfigError("data.predownload", "must be >= 0 (0 = 8 x local batch size)")
 
@@ -182,3 +191,16 @@ def _check_number(field_name: str, value: object) -> None:
         raise ConfigError(field_name, f"{value!r} is not a number")
     if not math.isfinite(float(value)) or float(value) < 0:
         raise ConfigError(field_name, f"is {value}; it must be a finite number >= 0")
+
+
+def check_data_config(job_config: Any) -> MixturePlan:
+    """Every ``[data]`` check that needs only the manifests and indexes; for preflight.
+
+    Runs before ``init_process_group`` (no cache, no shared memory, no shard
+    read) and raises the same ConfigErrors the builders would, naming the
+    field and the stream.  Returns the training mixture plan (for logging).
+    """
+    setup = prepare(job_config.data, job_config.training.seq_len, job_config.job.dump_folder)
+    if getattr(job_config.validation, "enable", False):
+        check_validation_root(job_config)
+    return setup.plan

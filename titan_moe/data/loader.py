@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,11 +26,9 @@ import torch
 from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.components.loss import IGNORE_INDEX
 
-from titan_moe.data.config import DataConfig, parse_bytes
-from titan_moe.data.manifest import PrepOutput, pick_hash, read_prep_output
-from titan_moe.data.mixture import MixturePlan, plan_mixture
-from titan_moe.data.order import SampleOrder
-from titan_moe.data.store import ShardStore
+from titan_moe.data.config import DataConfig
+from titan_moe.data.setup import StreamSetup, prepare
+from titan_moe.data.store import ShardStore, open_store
 from titan_moe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -54,58 +49,6 @@ def make_batch(tokens: np.ndarray, num_valid: np.ndarray) -> tuple[dict[str, tor
     positions = torch.arange(inputs.shape[1])
     labels[positions[None, :] >= torch.from_numpy(num_valid)[:, None] - 1] = IGNORE_INDEX
     return {"input": inputs}, labels
-
-
-@dataclass(frozen=True)
-class StreamSetup:
-    """Everything derived from the config and the prep output, before any cache is touched."""
-
-    prep: PrepOutput
-    plan: MixturePlan
-    order: SampleOrder
-    fingerprint: dict[str, Any]
-    cache_dir: str
-
-
-def resolve_cache_root(config: DataConfig, dump_folder: str) -> str:
-    """``data.local_cache``, or ``{dump_folder}/data_cache/{hostname}``.
-
-    The default names the host because a dump folder is often shared storage
-    seen by every node, while a cache (and its owner lock) belongs to one node.
-    """
-    if config.local_cache:
-        return config.local_cache
-    return os.path.join(dump_folder or ".", "data_cache", socket.gethostname())
-
-
-def prepare(config: DataConfig, seq_len: int, dump_folder: str = "") -> StreamSetup:
-    """Read and check the prep output and plan the order (cheap; no shard is read)."""
-    config.check()
-    # Only the streams the mixture draws from must exist (an explicit table may leave some out).
-    wanted = None
-    if isinstance(config.mixture, dict):
-        wanted = sorted(n for n, p in config.mixture.items() if float(p) > 0)
-    prep = read_prep_output(config.root, field="data.root", seq_len=seq_len, sources=wanted,
-                            sources_field="data.mixture")
-    plan = plan_mixture(config, prep.streams, seq_len, prep.listed)
-    order = SampleOrder(
-        plan,
-        {n: s.shard_samples for n, s in prep.streams.items()},
-        seed=config.shuffle_seed,
-        window=config.mixture_window,
-        block=config.shuffle_block,
-    )
-    fingerprint = {
-        "prep": prep.digest,
-        "plan": [[s.name, s.pool, s.per_epoch] for s in plan.sources],
-        "total": plan.total,
-        "seed": config.shuffle_seed,
-        "window": config.mixture_window,
-        "block": config.shuffle_block,
-        "seq_len": seq_len,
-    }
-    cache_dir = os.path.join(resolve_cache_root(config, dump_folder), prep.digest[:16], "train")
-    return StreamSetup(prep, plan, order, fingerprint, cache_dir)
 
 
 class StreamingTokenLoader(BaseDataLoader):
@@ -207,29 +150,6 @@ class StreamingTokenLoader(BaseDataLoader):
         self.store.close()
 
 
-def open_store(prep: PrepOutput, names: list[str], cache_dir: str, config: DataConfig) -> ShardStore:
-    limit = parse_bytes(config.cache_limit, "data.cache_limit") if config.cache_limit else None
-    if limit is not None:
-        # Streaming needs room for a few shards in flight (raw + compressed while
-        # decompressing); below that it thrashes or fails mid-run.  Say so up front.
-        biggest = max((prep.streams[n] for n in names), key=lambda s: s.max_shard_bytes)
-        need = 4 * biggest.max_shard_bytes + sum(prep.streams[n].index_bytes for n in names)
-        if limit < need:
-            raise ConfigError(
-                "data.cache_limit",
-                f"{config.cache_limit} is below 4 x the largest shard ({biggest.max_shard_bytes} bytes "
-                f"raw + compressed, stream {biggest.name!r}); raise it to at least {need} bytes",
-            )
-    return ShardStore(
-        prep,
-        names,
-        cache_dir,
-        cache_limit=limit,
-        validate_hash=pick_hash(config.validate_hash, [prep.streams[n] for n in names]),
-        download_timeout=config.download_timeout,
-    )
-
-
 def build_streaming_dataloader(dp_world_size: int, dp_rank: int, tokenizer: Any, job_config: Any,
                                **_: Any) -> StreamingTokenLoader:
     """torchtitan ``TrainSpec.build_dataloader_fn``: the ``[data]`` mixture for one DP rank.
@@ -252,18 +172,3 @@ def build_streaming_dataloader(dp_world_size: int, dp_rank: int, tokenizer: Any,
         local_batch_size=job_config.training.local_batch_size,
         predownload=config.predownload,
     )
-
-
-def check_data_config(job_config: Any) -> MixturePlan:
-    """Every ``[data]`` check that needs only the manifests and indexes; for preflight.
-
-    Runs before ``init_process_group`` (no cache, no shared memory, no shard
-    read) and raises the same ConfigErrors the builders would, naming the
-    field and the stream.  Returns the training mixture plan (for logging).
-    """
-    setup = prepare(job_config.data, job_config.training.seq_len, job_config.job.dump_folder)
-    if getattr(job_config.validation, "enable", False):
-        from titan_moe.data.validation import check_validation_root
-
-        check_validation_root(job_config)
-    return setup.plan

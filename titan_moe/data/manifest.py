@@ -4,7 +4,7 @@ Everything here runs before a process group or a cache directory is touched,
 so a wrong root, a missing stream or a mismatched ``seq_len`` fails at once,
 with a :class:`~titan_moe.errors.ConfigError` naming the field and the stream.
 
-Layout (the Data contract, written by ``titan-moe prep``)::
+Layout (the contract in ``titan_moe.data.contract``, written by ``titan-moe prep``)::
 
     ROOT/manifest.json              {"format": "titan-moe-mds/1", "seq_len", "dtype", ...,
                                      "sources": {name: {"tokens", "sequences", "proportion", ...}}}
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 
 from titan_moe import storage
+from titan_moe.data import contract
+from titan_moe.data.fast_streaming import gc_paused
+from titan_moe.data.contract import FORMAT, INDEX, MANIFEST, TOKEN_DTYPES
 from titan_moe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-FORMAT = "titan-moe-mds/1"
-TOKEN_DTYPES = ("uint16", "uint32")
 # Preferred shard checksums, fastest first, when validate_hash = "auto".
 HASH_PREFERENCE = ("xxh64", "xxh3_64", "sha1", "md5")
 
@@ -76,13 +76,19 @@ class PrepOutput:
 
 def read_prep_output(root: str, *, field: str, seq_len: int, sources: list[str] | None = None,
                      sources_field: str = "") -> PrepOutput:
+    with gc_paused():  # ~10^5 index entries: see fast_streaming.gc_paused
+        return _read_prep_output(root, field=field, seq_len=seq_len, sources=sources, sources_field=sources_field)
+
+
+def _read_prep_output(root: str, *, field: str, seq_len: int, sources: list[str] | None,
+                      sources_field: str) -> PrepOutput:
     """Read and check ``root``'s manifest and the indexes of ``sources`` (all when None).
 
     ``field`` is the config key that named ``root`` (``data.root``,
     ``data.validation_root``); ``seq_len`` is ``[training].seq_len``, which must
     equal the streams'; ``sources_field`` is the key that named ``sources``.
     """
-    manifest_url = storage.join(root, "manifest.json")
+    manifest_url = storage.join(root, MANIFEST)
     try:
         raw = storage.read_bytes(manifest_url)
     except FileNotFoundError:
@@ -149,10 +155,15 @@ def read_prep_output(root: str, *, field: str, seq_len: int, sources: list[str] 
     )
 
 
-def _read_stream(root: str, name: str, entry: dict, *, seq_len: int, dtype: str, field: str) -> StreamInfo:
-    url = storage.join(root, name)
-    index_url = storage.join(url, "index.json")
-    sequences = int(entry["sequences"])
+def _read_stream(root: str, name: str, entry: dict, *, seq_len: int, dtype: str, field: str,
+                 url: str | None = None, allowed: dict[str, tuple[str, ...]] | None = None) -> StreamInfo:
+    """One stream's index, checked: ``entry`` is its manifest entry (``sequences`` may be absent).
+
+    ``allowed`` maps column -> accepted encodings (default: exactly the
+    contract's columns); ``url`` overrides ``root/name``.
+    """
+    url = url or storage.join(root, name)
+    index_url = storage.join(url, INDEX)
     try:
         index_raw = storage.read_bytes(index_url)
         index = json.loads(index_raw)
@@ -167,25 +178,27 @@ def _read_stream(root: str, name: str, entry: dict, *, seq_len: int, dtype: str,
     shards = index.get("shards") or []
     if not shards:
         raise ConfigError(field, f"stream {name!r}: {index_url} lists no shards")
-    want = {"tokens": f"ndarray:{dtype}:{seq_len}", "num_valid": "int32"}
+    if allowed is None:
+        allowed = {column: (encoding,) for column, encoding in contract.columns(dtype, seq_len).items()}
     hash_sets = []
     files: set[str] = set()
     max_bytes = 0
     for i, shard in enumerate(shards):
         columns = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
-        for column, encoding in want.items():
-            if columns.get(column) != encoding:
+        for column, encodings in allowed.items():
+            if columns.get(column) not in encodings:
                 raise ConfigError(
                     field,
                     f"stream {name!r} shard {i} stores column {column!r} as {columns.get(column)!r}, "
-                    f"expected {encoding!r} (seq_len {seq_len}, dtype {dtype} from the manifest); "
-                    "the stream and the manifest disagree -- re-prep the stream",
+                    f"expected {' or '.join(map(repr, encodings))} (seq_len {seq_len}, dtype {dtype}); "
+                    "the stream and its manifest disagree -- re-prep the stream",
                 )
         hash_sets.append(set((shard.get("zip_data") or shard.get("raw_data") or {}).get("hashes", {})))
         parts = [part for part in (shard.get("raw_data"), shard.get("zip_data")) if part]
         files.update(part["basename"] for part in parts)
         max_bytes = max(max_bytes, sum(int(part.get("bytes", 0)) for part in parts))
     shard_samples = tuple(int(s["samples"]) for s in shards)
+    sequences = int(entry.get("sequences", sum(shard_samples)))
     if sum(shard_samples) != sequences:
         raise ConfigError(
             field,

@@ -28,6 +28,7 @@ linger.  Before opening the streams, the node's local leader
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import queue
@@ -38,7 +39,10 @@ import threading
 import numpy as np
 import torch.distributed as dist
 
-from titan_moe.data.manifest import PrepOutput
+from titan_moe.data.config import DataConfig, parse_bytes
+from titan_moe.data.manifest import PrepOutput, pick_hash
+from titan_moe import storage
+from titan_moe.data.fast_streaming import indexed_stream_class, streaming_dataset
 from titan_moe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -157,8 +161,6 @@ class ShardStore:
     def __init__(self, prep: PrepOutput, names: list[str], cache_dir: str, *,
                  cache_limit: int | None = None, validate_hash: str | None = None,
                  download_timeout: float = 300.0, field: str = "data.local_cache"):
-        from streaming import Stream, StreamingDataset
-
         self.names = list(names)
         self.seq_len = prep.seq_len
         self.cache_dir = os.path.abspath(cache_dir)
@@ -175,9 +177,12 @@ class ShardStore:
                     f"cache {self.cache_dir}: removed {reaped} stale shared-memory segments and "
                     f"{tidied} leftover files of an earlier run"
                 )
+            for d, n in zip(local_dirs, self.names):
+                _place_index(prep.streams[n], d, field)
         _barrier()
+        stream_class = indexed_stream_class()
         streams = [
-            Stream(
+            stream_class(
                 remote=_as_remote(prep.streams[n].url),
                 local=d,
                 download_retry=2,
@@ -188,7 +193,8 @@ class ShardStore:
         ]
         try:
             # batch_size only matters to StreamingDataset.__iter__, which we never call.
-            self.dataset = StreamingDataset(streams=streams, batch_size=1, cache_limit=cache_limit)
+            # O(shards) sample lookup instead of streaming's one int64 per sample (spanner.py).
+            self.dataset = streaming_dataset(streams=streams, batch_size=1, cache_limit=cache_limit)
         except BaseException as exc:
             if self._claim is not None:  # let a retry in this process claim the cache again
                 self._claim.release()
@@ -211,10 +217,20 @@ class ShardStore:
         num_valid = np.empty(len(source), dtype=np.int64)
         for row, (s, i) in enumerate(zip(source.tolist(), sample.tolist())):
             item = self.dataset.get_item(int(self.offsets[s]) + i)
+            ids = item["tokens"]
+            if isinstance(ids, bytes):  # llm-foundry's older `bytes` column: int64 ids
+                ids = np.frombuffer(ids, dtype=np.int64)
+            if len(ids) != self.seq_len:
+                raise ConfigError(
+                    "training.seq_len",
+                    f"is {self.seq_len} but sample {i} of stream {self.names[s]!r} holds {len(ids)} tokens; "
+                    f"set training.seq_len = {len(ids)} (the dataset's --concat_tokens)",
+                )
             # MDS decodes into a read-only view of the shard; assigning copies and widens
-            # uint16/uint32 -> int64 by value (never a reinterpreting view).
-            tokens[row] = item["tokens"]
-            num_valid[row] = int(item["num_valid"])
+            # uint16/uint32/int32 -> int64 by value (never a reinterpreting view).
+            tokens[row] = ids
+            # No num_valid column (llm-foundry): every token is real.
+            num_valid[row] = int(item["num_valid"]) if "num_valid" in item else self.seq_len
         return tokens, num_valid
 
     def shard_of(self, source: int, sample: int) -> int:
@@ -223,8 +239,7 @@ class ShardStore:
     # -- background download ----------------------------------------------------
     def prefetch(self, source: np.ndarray, sample: np.ndarray) -> None:
         """Start downloading the shards of these samples (no-op for shards already queued)."""
-        for s, i in zip(source.tolist(), sample.tolist()):
-            shard = self.shard_of(s, i)
+        for shard in self.dataset.spanner.shards_of(self.offsets[source] + sample).tolist():
             if shard not in self._queued:
                 if len(self._queued) > 4096:
                     self._queued.clear()
@@ -260,6 +275,19 @@ class ShardStore:
             self._claim = None
 
 
+def _place_index(stream, local_dir: str, field: str) -> None:
+    """Copy the stream's index.json into its cache dir, refusing one that changed since the check."""
+    raw = storage.read_bytes(storage.join(stream.url, "index.json"))
+    if hashlib.sha256(raw).hexdigest() != stream.index_sha256:
+        raise ConfigError(field, f"stream {stream.name!r}: {stream.url}/index.json changed while the job started "
+                                 "(a prep run writing into this root?); restart the job once prep is done")
+    os.makedirs(local_dir, exist_ok=True)
+    tmp = os.path.join(local_dir, f"index.json.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(raw)
+    os.replace(tmp, os.path.join(local_dir, "index.json"))
+
+
 def _unlink_own_shared_memory(prefix: int) -> None:
     """Unlink the segments this process (the local leader) created for its dataset.
 
@@ -284,3 +312,26 @@ def _as_remote(url: str) -> str:
     if "://" in url and not url.startswith("file://"):
         return url
     return os.path.abspath(url.removeprefix("file://"))
+
+
+def open_store(prep: PrepOutput, names: list[str], cache_dir: str, config: DataConfig) -> ShardStore:
+    limit = parse_bytes(config.cache_limit, "data.cache_limit") if config.cache_limit else None
+    if limit is not None:
+        # Streaming needs room for a few shards in flight (raw + compressed while
+        # decompressing); below that it thrashes or fails mid-run.  Say so up front.
+        biggest = max((prep.streams[n] for n in names), key=lambda s: s.max_shard_bytes)
+        need = 4 * biggest.max_shard_bytes + sum(prep.streams[n].index_bytes for n in names)
+        if limit < need:
+            raise ConfigError(
+                "data.cache_limit",
+                f"{config.cache_limit} is below 4 x the largest shard ({biggest.max_shard_bytes} bytes "
+                f"raw + compressed, stream {biggest.name!r}); raise it to at least {need} bytes",
+            )
+    return ShardStore(
+        prep,
+        names,
+        cache_dir,
+        cache_limit=limit,
+        validate_hash=pick_hash(config.validate_hash, [prep.streams[n] for n in names]),
+        download_timeout=config.download_timeout,
+    )

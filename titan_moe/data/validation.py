@@ -28,9 +28,9 @@ from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.components.validate import BaseValidator
 
 from titan_moe.data.config import DataConfig
-from titan_moe.data.loader import make_batch, open_store, resolve_cache_root
-from titan_moe.data.manifest import PrepOutput, read_prep_output
-from titan_moe.data.store import ShardStore
+from titan_moe.data.loader import make_batch
+from titan_moe.data.setup import check_validation_root, resolve_cache_root
+from titan_moe.data.store import ShardStore, open_store
 from titan_moe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -77,19 +77,6 @@ class SourceValidationLoader(BaseDataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         return None
-
-
-def check_validation_root(job_config: Any) -> PrepOutput:
-    """The checked validation prep output (no cache touched); ConfigError naming the field."""
-    config: DataConfig = job_config.data
-    if not config.validation_root:
-        raise ConfigError(
-            "data.validation_root",
-            "is empty but [validation].enable is true; point it at a `titan-moe prep` output "
-            "of held-out data, or disable validation",
-        )
-    return read_prep_output(config.validation_root, field="data.validation_root",
-                            seq_len=job_config.training.seq_len)
 
 
 def build_validation_loaders(dp_world_size: int, dp_rank: int, job_config: Any,

@@ -1,4 +1,11 @@
-"""What prep counts, and the manifests it writes.
+"""The prep-to-training contract: format version, file names, manifest schema, columns.
+
+``titan-moe prep`` (``data_prep``) writes these files and the loader
+(``titan_moe.data.manifest``) reads them; both import this module and nothing
+else of each other, so the contract is defined once.  It lives on the
+training side (``titan_moe``) because data flows prep -> training: prep may
+import training's small leaf modules (errors, storage, this), training never
+imports ``data_prep``.
 
 Accounting rule, checked in tests: for every file, source and run,
 ``docs_read == docs_written + docs_rejected``.  A "document read" is one
@@ -55,7 +62,14 @@ import json
 from dataclasses import asdict, dataclass, field
 
 FORMAT = "titan-moe-mds/1"
-WORK_FORMAT = "titan-moe-work/1"
+MANIFEST = "manifest.json"  # ROOT/manifest.json (mixture) and ROOT/<source>/manifest.json (stream)
+INDEX = "index.json"  # ROOT/<source>/index.json, MosaicML's MDS index
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
+def columns(dtype: str, seq_len: int) -> dict[str, str]:
+    """The MDS columns of a titan-moe stream: ``tokens`` and its real length ``num_valid``."""
+    return {"tokens": f"ndarray:{dtype}:{seq_len}", "num_valid": "int32"}
 
 REJECT_REASONS = (
     "invalid_utf8",
@@ -123,6 +137,7 @@ class SourceManifest:
     shards: int
     padded_tokens: int  # pad ids in the final sequence (0 when it is full)
     inputs: list[FileStats]
+    group_bytes: int = 0  # prep's --group-size: how input files were grouped (see data_prep.groups)
 
     @property
     def files(self) -> int:
@@ -173,6 +188,7 @@ class SourceManifest:
             "dtype": self.dtype,
             **self.summary(),
             "padded_tokens": self.padded_tokens,
+            "group_bytes": self.group_bytes,
             "inputs": [f.to_json() for f in self.inputs],
         }
 
@@ -191,6 +207,7 @@ class SourceManifest:
             shards=obj["shards"],
             padded_tokens=obj["padded_tokens"],
             inputs=[FileStats.from_json(f) for f in obj["inputs"]],
+            group_bytes=int(obj.get("group_bytes", 0)),
         )
 
 

@@ -1,0 +1,90 @@
+"""From ``[data]`` and the prep output to a planned sample order, before any cache is touched.
+
+Shared by the training loader, the validator and the pre-launch check
+(``titan_moe.data.config.check_data_config``): everything here reads only
+manifests and indexes (no shard, no shared memory, no process group).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from titan_moe.data.foundry import FORMAT_NAME as FOUNDRY
+from titan_moe.data.foundry import read_foundry_output
+from titan_moe.data.manifest import PrepOutput, read_prep_output
+from titan_moe.data.mixture import MixturePlan, plan_mixture
+from titan_moe.data.order import SampleOrder
+from titan_moe.errors import ConfigError
+
+if TYPE_CHECKING:  # config.py imports this module (check_data_config)
+    from titan_moe.data.config import DataConfig
+
+
+@dataclass(frozen=True)
+class StreamSetup:
+    """Everything derived from the config and the prep output, before any cache is touched."""
+
+    prep: PrepOutput
+    plan: MixturePlan
+    order: SampleOrder
+    fingerprint: dict[str, Any]
+    cache_dir: str
+
+
+def resolve_cache_root(config: DataConfig, dump_folder: str) -> str:
+    """``data.local_cache``, or ``{dump_folder}/data_cache/{hostname}``.
+
+    The default names the host because a dump folder is often shared storage
+    seen by every node, while a cache (and its owner lock) belongs to one node.
+    """
+    if config.local_cache:
+        return config.local_cache
+    return os.path.join(dump_folder or ".", "data_cache", socket.gethostname())
+
+
+def prepare(config: DataConfig, seq_len: int, dump_folder: str = "") -> StreamSetup:
+    """Read and check the prep output and plan the order (cheap; no shard is read)."""
+    config.check()
+    # Only the streams the mixture draws from must exist (an explicit table may leave some out).
+    wanted = None
+    if isinstance(config.mixture, dict):
+        wanted = sorted(n for n, p in config.mixture.items() if float(p) > 0)
+    reader = read_foundry_output if config.format == FOUNDRY else read_prep_output
+    prep = reader(config.root, field="data.root", seq_len=seq_len, sources=wanted,
+                            sources_field="data.mixture")
+    plan = plan_mixture(config, prep.streams, seq_len, prep.listed)
+    order = SampleOrder(
+        plan,
+        {n: s.shard_samples for n, s in prep.streams.items()},
+        seed=config.shuffle_seed,
+        window=config.mixture_window,
+        block=config.shuffle_block,
+    )
+    fingerprint = {
+        "prep": prep.digest,
+        "plan": [[s.name, s.pool, s.per_epoch] for s in plan.sources],
+        "total": plan.total,
+        "seed": config.shuffle_seed,
+        "window": config.mixture_window,
+        "block": config.shuffle_block,
+        "seq_len": seq_len,
+    }
+    cache_dir = os.path.join(resolve_cache_root(config, dump_folder), prep.digest[:16], "train")
+    return StreamSetup(prep, plan, order, fingerprint, cache_dir)
+
+
+def check_validation_root(job_config: Any) -> PrepOutput:
+    """The checked validation prep output (no cache touched); ConfigError naming the field."""
+    config: DataConfig = job_config.data
+    if not config.validation_root:
+        raise ConfigError(
+            "data.validation_root",
+            "is empty but [validation].enable is true; point it at a `titan-moe prep` output "
+            "of held-out data, or disable validation",
+        )
+    reader = read_foundry_output if config.format == FOUNDRY else read_prep_output
+    return reader(config.validation_root, field="data.validation_root",
+                            seq_len=job_config.training.seq_len)
