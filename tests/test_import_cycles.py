@@ -28,9 +28,22 @@ def module_files(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
 
 
 def imported_modules(node: ast.AST, module: str, is_package: bool, known: set[str]) -> set[str]:
-    """The project modules one file imports, anywhere in it (functions included)."""
+    """The project modules one file imports, anywhere in it (functions included).
+
+    Imports under ``if TYPE_CHECKING:`` are left out: they exist for annotations
+    only and never run, so they cannot form a runtime cycle.
+    """
     found = set()
+    type_only = {
+        id(inner)
+        for block in ast.walk(node)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for stmt in block.body
+        for inner in ast.walk(stmt)
+    }
     for item in ast.walk(node):
+        if id(item) in type_only:
+            continue
         if isinstance(item, ast.Import):
             names = [alias.name for alias in item.names]
         elif isinstance(item, ast.ImportFrom):
