@@ -68,6 +68,8 @@ def test_commands_are_the_documented_prep_cli(rendered):
     assert (args.input_root, args.output, args.seq_len, args.workers) == ("s3://corpus/olmoe-mix", "s3://data/mds",
                                                                          4096, 16)
     assert (args.sources, args.work_dir, args.no_progress) == ("wiki,arxiv", "s3://data/_work", True)
+    assert not args.finalize and args.shard is None  # the shard comes from the Indexed Job's variables
+    assert build_prep_parser().parse_args(finalize[2:]).finalize
 
 
 def test_bad_prep_inputs():
