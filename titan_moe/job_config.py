@@ -77,6 +77,8 @@ class MoE:
     renormalize: bool = False
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
+    z_loss_normalization: str = "tokens"
+    """"tokens" (sum_t lse^2 / T) or "tokens_topk" (/ (T * k), megablocks/OLMoE)."""
     bias_update_rate: float = 0.0
     """Loss-free balancing step size gamma; 0 turns it off."""
     expert_impl: str = "auto"
