@@ -9,9 +9,9 @@ a loop over experts (everywhere).
 Rows past the last expert's group (dropped capacity slots, or a dispatcher's
 padding) produce zeros.  The grouped path has no host-device sync: group
 offsets stay on the device and every size is known from the input's shape.
-On CUDA it pads each group to 8 rows and, when the model or expert width is
-not a multiple of 8 (the kernel needs 16-byte-aligned rows of bf16), zero-pads
-the widths too: padded hidden units compute silu(0) * 0 = 0 and receive zero
+On CUDA it pads each group to 8 rows.  When the model or expert width does
+not fill 16-byte rows (a multiple of 8 in bf16, 4 in float32: the grouped GEMM
+needs 16-byte strides, on CPU too) it zero-pads the widths: padded hidden units compute silu(0) * 0 = 0 and receive zero
 gradient, so outputs, gradients and the parameter/FLOP accounting (which
 counts the real width) are unchanged; only the kernel does the extra work.
 """
@@ -63,9 +63,9 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         misaligned = [f"{name} {v}" for name, v in (("dim", dim), ("expert hidden", hidden_dim)) if v % GROUPED_MM_ALIGN]
-        if use_grouped_mm and misaligned and torch.cuda.is_available():
+        if use_grouped_mm and misaligned:
             logger.warning(f"grouped experts: {', '.join(misaligned)} not a multiple of {GROUPED_MM_ALIGN}; "
-                           "zero-padded for the CUDA grouped GEMM (same results, some wasted FLOPs)")
+                           "zero-padded to 16-byte rows for the grouped GEMM (same results, some wasted FLOPs)")
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         # Under expert parallelism the parameters are DTensors sharded over experts;
@@ -105,26 +105,31 @@ def _experts_loop(w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
     return out
 
 
-def _experts_grouped_mm(w1, w2, w3, x, num_tokens_per_expert, align: int = 1) -> torch.Tensor:
-    """Three grouped GEMMs; ``align`` > 1 pads groups to ``align`` rows and widths to multiples of it."""
+def _experts_grouped_mm(w1, w2, w3, x, num_tokens_per_expert, row_align: int = 1) -> torch.Tensor:
+    """Three grouped GEMMs; groups padded to ``row_align`` rows, widths to 16-byte rows."""
+    # The CUDA kernel takes bf16 only; with bf16 mixed precision these casts are no-ops.
+    dtype = torch.bfloat16 if x.is_cuda else x.dtype
+    # Every row stride must be a multiple of 16 bytes (CUDA and CPU kernels alike).
+    width_align = max(1, 16 // torch.empty(0, dtype=dtype).element_size())
     dim, hidden = x.shape[-1], w1.shape[1]
-    pad_dim, pad_hidden = -dim % align, -hidden % align
+    pad_dim, pad_hidden = -dim % width_align, -hidden % width_align
     if pad_dim or pad_hidden:
         # Zero rows/columns: padded hidden units are silu(0) * 0 = 0, padded model
         # columns are sliced off; gradients of the real entries are unchanged.
         x = F.pad(x, (0, pad_dim))
         w1, w3 = (F.pad(w, (0, pad_dim, 0, pad_hidden)) for w in (w1, w3))
         w2 = F.pad(w2, (0, pad_hidden, 0, pad_dim))
-    x_padded, counts, rows = pad_groups(x, num_tokens_per_expert, align)
+    x_padded, counts, rows = pad_groups(x, num_tokens_per_expert, row_align)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    # The CUDA kernel takes bf16 only; with bf16 mixed precision these casts are no-ops.
-    dtype = torch.bfloat16 if x.is_cuda else x.dtype
+    # The kernel leaves rows past the last group unwritten, in outputs and in the input
+    # gradient; masking its input makes their gradient zero rather than stale memory.
+    x_padded = torch.where((torch.arange(x_padded.shape[0], device=x.device) < offsets[-1]).unsqueeze(-1), x_padded, 0.0)
     xp, w1, w2, w3 = (t.to(dtype) for t in (x_padded, w1, w2, w3))
     h = F.silu(torch._grouped_mm(xp, w1.mT, offs=offsets)) * torch._grouped_mm(xp, w3.mT, offs=offsets)
     out = torch._grouped_mm(h, w2.mT, offs=offsets).to(x.dtype)
     if rows is not None:
         out = out[rows]
-    # Rows past the last group are left unwritten by the kernel: zero them as the loop does.
+    # ... and zero their outputs, as the loop does.
     in_group = torch.arange(x.shape[0], device=x.device) < num_tokens_per_expert.sum()
     out = torch.where(in_group.unsqueeze(-1), out, 0.0)
     return out[:, :dim] if pad_dim else out
