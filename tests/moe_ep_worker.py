@@ -14,7 +14,8 @@ the reference computed without EP in the same process:
   set on each rank's tokens separately (``priority``: local decisions) or on
   both ranks' tokens concatenated, rank 0 first (``megablocks``: capacity over
   the EP group).  Max differences of outputs, input gradients and the local
-  experts' weight gradients.
+  experts' weight gradients.  Also once under torch.compile (fullgraph=False, as
+  under EP the trainer compiles): ``megablocks_compiled``.
 """
 
 import json
@@ -33,12 +34,13 @@ from titan_moe.model.moe import ExpertSet
 HAND_PROBS = {0: [0.9, 0.7, 0.8, 0.2], 1: [0.6, 0.3, 0.4, 0.55]}
 
 
-def build(policy: str, num_experts: int, top_k: int, dim: int, capacity_factor: float, seed: int) -> ExpertSet:
+def build(policy: str, num_experts: int, top_k: int, dim: int, capacity_factor: float, seed: int,
+          grouped: bool = True) -> ExpertSet:
     routing = "dropless" if policy == "dropless" else "capacity"
     moe = MoEArgs(enabled=True, expert_sets=[ExpertSetArgs(num_experts, 1, top_k)], routing=routing,
                   capacity_factor=capacity_factor, capacity_policy="priority" if policy == "dropless" else policy)
     torch.manual_seed(seed)
-    s = ExpertSet(dim=dim, hidden_dim=4, num_experts=num_experts, top_k=top_k, moe=moe, use_grouped_mm=True)
+    s = ExpertSet(dim=dim, hidden_dim=4, num_experts=num_experts, top_k=top_k, moe=moe, use_grouped_mm=grouped)
     s.init_weights(0.5, None)
     return s
 
@@ -55,17 +57,22 @@ def hand_case(policy: str, rank: int, mesh) -> dict:
             "capacity": s.capacity(len(x))}
 
 
-def random_case(policy: str, rank: int, mesh) -> dict:
+def random_case(policy: str, rank: int, mesh, compiled: bool = False) -> dict:
     dim, tokens = 8, 24
-    ref = build(policy, num_experts=8, top_k=2, dim=dim, capacity_factor=0.75, seed=1)
-    ep = build(policy, num_experts=8, top_k=2, dim=dim, capacity_factor=0.75, seed=1)
+    # torch._grouped_mm compiles in bf16 only on CPU: the compiled case uses the loop experts (float32).
+    ref = build(policy, num_experts=8, top_k=2, dim=dim, capacity_factor=0.75, seed=1, grouped=not compiled)
+    ep = build(policy, num_experts=8, top_k=2, dim=dim, capacity_factor=0.75, seed=1, grouped=not compiled)
     apply_expert_parallel(torch.nn.ModuleList([ep]), mesh)
+    run = ep
+    if compiled:
+        # As apply_compile does under EP: fullgraph=False, dispatch/combine run eager.
+        run = torch.compile(ep, backend="aot_eager", fullgraph=False)
     torch.manual_seed(2)
     xs = [torch.randn(tokens, dim) for _ in range(2)]
     grads = [torch.randn(tokens, dim) for _ in range(2)]
 
     x = xs[rank].clone().requires_grad_()
-    out = ep(x)
+    out = run(x)
     (out * grads[rank]).sum().backward()
 
     x_ref = torch.cat(xs).requires_grad_()
@@ -94,6 +101,7 @@ def main(path: str) -> int:
     for policy in ("priority", "megablocks"):
         result[policy] = {"hand": hand_case(policy, rank, mesh), "random": random_case(policy, rank, mesh)}
     result["dropless"] = {"random": random_case("dropless", rank, mesh)}
+    result["megablocks_compiled"] = {"random": random_case("megablocks", rank, mesh, compiled=True)}
     gathered = [None, None]
     dist.all_gather_object(gathered, result)
     if rank == 0:

@@ -35,7 +35,8 @@ def fwd_bwd(model, tokens):
     loss = logits.float().logsumexp(-1).mean() + model.moe_aux_loss()
     loss.backward()
     dropped = [s["dropped_fraction"].item() for s in model.moe_stats().values()]
-    return logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}, dropped
+    grads = {n.replace("._orig_mod", ""): p.grad.float() for n, p in model.named_parameters()}
+    return logits.detach().float(), grads, dropped
 
 
 @pytest.mark.parametrize("routing", sorted(ROUTINGS))

@@ -23,6 +23,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 # Hopper's grouped GEMM wants 16-byte-aligned row blocks and row strides: 8 bf16 values.
 GROUPED_MM_ALIGN = 8
@@ -82,7 +83,8 @@ class GroupedExperts(nn.Module):
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:
-    return w.to_local() if hasattr(w, "to_local") else w
+    # isinstance, not hasattr: dynamo resolves the former on DTensor parameters.
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
@@ -107,8 +109,11 @@ def _experts_loop(w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
 
 def _experts_grouped_mm(w1, w2, w3, x, num_tokens_per_expert, row_align: int = 1) -> torch.Tensor:
     """Three grouped GEMMs; groups padded to ``row_align`` rows, widths to 16-byte rows."""
-    # The CUDA kernel takes bf16 only; with bf16 mixed precision these casts are no-ops.
-    dtype = torch.bfloat16 if x.is_cuda else x.dtype
+    # The CUDA kernel takes bf16 only (with bf16 mixed precision these casts are no-ops);
+    # on CPU, bf16 autocast applies here as to any matmul (compiled graphs need it).
+    device = x.device.type
+    autocast_bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+    dtype = torch.bfloat16 if x.is_cuda or autocast_bf16 else x.dtype
     # Every row stride must be a multiple of 16 bytes (CUDA and CPU kernels alike).
     width_align = max(1, 16 // torch.empty(0, dtype=dtype).element_size())
     dim, hidden = x.shape[-1], w1.shape[1]
