@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
+from tests.distributed_utils import config
 from tests.model_configs import model_args
 from titan_moe.gpu_check import count_sync_ops
-from titan_moe.model.args import ExpertSetArgs, MoEArgs
+from titan_moe.job_config import arch_section, moe_section, parse_run_config
+from titan_moe.model.args import ExpertSetArgs, MoEArgs, TitanMoEModelArgs
 from titan_moe.model.experts import _experts_grouped_mm, _experts_loop, pad_groups
 from titan_moe.model.moe import ExpertSet
 from titan_moe.model.transformer import Transformer
@@ -166,3 +168,11 @@ def test_grouped_moe_forward_backward_has_no_host_sync_ops(moe):
     assert count_sync_ops(lambda: (torch.bincount(tokens.flatten(), minlength=300), tokens[tokens > 5],
                                    tokens.sum().item())) == {
         "aten.bincount": 1, "aten.index (boolean mask)": 1, "aten._local_scalar_dense": 1}
+
+
+def test_routing_options_reach_the_expert_sets_from_the_command_line():
+    job = parse_run_config(["--job.config_file", config("tiny_moe"), "--moe.routing", "capacity",
+                            "--moe.capacity_policy", "megablocks", "--moe.z_loss_normalization", "tokens_topk"])
+    model = Transformer(TitanMoEModelArgs.from_sections(arch_section(job), moe_section(job), 16))
+    s = model.layers["0"].moe.sets[0]
+    assert (s.routing, s.capacity_policy, s.z_loss_normalization) == ("capacity", "megablocks", "tokens_topk")
