@@ -24,7 +24,8 @@ def set_with(**changes):
 @pytest.mark.parametrize(
     "arch, moe, field, words",
     [
-        ({}, set_with(granularity="1/3"), "moe.expert_sets[0].granularity", ["21.333", "21/64 (hidden 21)", "11/32 (hidden 22)"]),
+        ({}, set_with(granularity="1/3"), "moe.expert_sets[0].granularity", ["21.333", "nearest valid granularities: 1/4 (hidden 16), 3/8 (hidden 24)"]),
+        ({}, moe_with(z_loss_normalization="layers"), "moe.z_loss_normalization", ["choose one of tokens, tokens_topk"]),
         ({}, set_with(top_k=9), "moe.expert_sets[0].top_k", ["exceeds num_experts 8"]),
         ({}, set_with(top_k=0), "moe.expert_sets[0].top_k", ["positive integer"]),
         ({}, set_with(num_experts=2.5), "moe.expert_sets[0].num_experts", ["positive integer"]),

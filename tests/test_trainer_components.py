@@ -79,9 +79,9 @@ def test_synthetic_unigram_is_skewed():
 def test_expert_major_order_by_hand():
     # counts[source, local expert]; rows arrive as s0e0 | s0e1 s0e1 | s1e0 s1e0 s1e0 | s1e1
     counts = torch.tensor([[1, 2], [3, 1]])
-    perm = expert_major_order(counts)
+    perm = expert_major_order(counts, 7)
     assert perm.tolist() == [0, 3, 4, 5, 1, 2, 6]
-    assert expert_major_order(torch.zeros(2, 3, dtype=torch.int64)).numel() == 0
+    assert expert_major_order(torch.zeros(2, 3, dtype=torch.int64), 0).numel() == 0
 
 
 def _stats(aux, z, dropped):

@@ -45,6 +45,8 @@ def summarize(metrics_file: Path, warmup: int) -> dict[str, float]:
     timed = [r for r in rows if r["step"] > warmup] or rows
     # Median over steps: robust to a step stalled by other work on a shared machine.
     out = {label: statistics.median(r[key] for r in timed) for label, key in METRICS.items()}
+    if any("memory/max_reserved(GiB)" in r for r in timed):  # GPU runs only
+        out["peak memory GiB"] = max(r.get("memory/max_reserved(GiB)", 0.0) for r in timed)
     out["steps timed"] = len(timed)
     out["final loss"] = rows[-1]["loss_metrics/global_avg_loss"]
     return out
@@ -77,6 +79,9 @@ def format_table(ours: dict[str, float], base: dict[str, float]) -> str:
     for label in METRICS:
         ratio = ours[label] / base[label] if base[label] else float("nan")
         lines.append(f"{label:<22}{ours[label]:>14.4g}{base[label]:>18.4g}{ratio:>9.3f}")
+    if "peak memory GiB" in ours and "peak memory GiB" in base:
+        lines.append(f"{'peak memory GiB':<22}{ours['peak memory GiB']:>14.4g}{base['peak memory GiB']:>18.4g}"
+                     f"{ours['peak memory GiB'] / base['peak memory GiB']:>9.3f}")
     lines.append(f"{'final loss':<22}{ours['final loss']:>14.4f}{base['final loss']:>18.4f}")
     return "\n".join(lines)
 

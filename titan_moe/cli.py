@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("titan_moe.launch:main", "train a run config locally with torchrun"),
     "checkpoints": ("titan_moe.checkpoint.cli:main", "list checkpoints, export a consolidated model"),
     "bench": ("titan_moe.bench:main", "training throughput/MFU against torchtitan's own MoE"),
+    "gpu-check": ("titan_moe.gpu_check:main", "prove the MoE hot path on one GPU (--smoke: toy shapes on CPU)"),
     "prep": ("data_prep.cli:main", "shard the OLMoE mixture into MDS streams"),
     "eval": ("eval.cli:main", "score a checkpoint on Paloma and downstream tasks"),
     "k8s": ("jobs.k8s.cli:main", "render Kubernetes manifests for one run"),

@@ -111,7 +111,8 @@ class MoEConfig:
     routing: str = "dropless"
     """"dropless" or "capacity"."""
     capacity_factor: float = 1.25
-    """Under routing = "capacity": slots per expert = ceil(capacity_factor * tokens * k / n)."""
+    """Under routing = "capacity": slots per expert = ceil(capacity_factor * tokens * k / n) on the
+    rank's tokens ("priority"), or int(capacity_factor * k * tokens * ep / n) over the EP group ("megablocks")."""
     capacity_policy: str = "priority"
     """Which slots a full expert drops under routing = "capacity": "priority" keeps the
     highest-probability slots of the local batch; "megablocks" keeps slots in token order
@@ -120,6 +121,8 @@ class MoEConfig:
     """Rescale the selected router probabilities to sum to 1 (OLMoE keeps them raw)."""
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
+    z_loss_normalization: str = "tokens"
+    """"tokens" (sum_t lse^2 / T) or "tokens_topk" (/ (T * k), megablocks/OLMoE)."""
     bias_update_rate: float = 0.0
     """Loss-free balancing step size gamma; 0 turns it off."""
     expert_impl: str = "auto"

@@ -22,10 +22,20 @@ groups for grouped GEMM); this one uses ``argsort``/indexing, so it runs on
 CPU/gloo as well as GPU, and leaves any padding to ``GroupedExperts``.  Within
 one expert, rows keep (source rank, position) order, which is exactly the order
 of the unsharded computation -- that is what makes EP=1 and EP>1 agree.
+
+Host syncs: exactly one per expert set per forward (``_dispatch``: the send and
+receive split sizes, read together with one ``.tolist()``), which an
+all-to-all of uneven sizes needs; backward reuses the same host lists.  Full
+activation checkpointing re-runs the forward, so one more there.  Rows past
+the last expert's group (capacity-dropped slots) are not sent; their outputs
+are zeros.  Dispatch and combine run outside ``torch.compile`` graphs
+(``torch._dynamo.disable``): the split sizes are host integers that change
+every step and would otherwise recompile the graph.
 """
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
@@ -33,17 +43,18 @@ from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 
-def expert_major_order(counts: torch.Tensor) -> torch.Tensor:
+def expert_major_order(counts: torch.Tensor, total: int) -> torch.Tensor:
     """Row order that regroups received tokens by local expert.
 
     ``counts[s, e]`` is how many rows source rank ``s`` sent for local expert
-    ``e``; rows arrive grouped by ``s``, then by ``e``.  Returns indices ``perm``
-    such that ``rows[perm]`` is grouped by ``e``, then by ``s`` (stable).
+    ``e`` (``total`` rows in all, known on the host); rows arrive grouped by
+    ``s``, then by ``e``.  Returns indices ``perm`` such that ``rows[perm]`` is
+    grouped by ``e``, then by ``s`` (stable).
     """
     num_sources, num_local = counts.shape
     chunk = torch.arange(num_sources * num_local, device=counts.device)
     # Each received row's (source, expert) chunk id, in arrival order.
-    chunk_of_row = torch.repeat_interleave(chunk, counts.reshape(-1))
+    chunk_of_row = torch.repeat_interleave(chunk, counts.reshape(-1), output_size=total)
     source, expert = chunk_of_row // num_local, chunk_of_row % num_local
     return torch.argsort(expert * num_sources + source, stable=True)
 
@@ -58,12 +69,14 @@ class ExpertParallel(ParallelStyle):
         self._send_splits: list[int] | None = None
         self._recv_splits: list[int] | None = None
         self._inverse: torch.Tensor | None = None
+        self._rows = 0
 
     @staticmethod
     def _partition(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
         for param_name, param in list(module.named_parameters(recurse=False)):
             module.register_parameter(param_name, nn.Parameter(distribute_tensor(param, mesh, [Shard(0)])))
 
+    @torch._dynamo.disable
     def _dispatch(self, module: nn.Module, inputs: tuple, mesh: DeviceMesh):
         x, counts = inputs
         group = mesh.get_group()
@@ -75,19 +88,25 @@ class ExpertParallel(ParallelStyle):
             # received[s*num_local + e]: rows peer s sends to my local expert e.
             dist.all_to_all_single(received, counts, group=group)
             received = received.view(ep, num_local)
-            # One host sync for the split sizes, as any all-to-all of variable sizes needs.
-            self._send_splits = counts.view(ep, num_local).sum(dim=1).tolist()
-            self._recv_splits = received.sum(dim=1).tolist()
-        x = all_to_all_single_autograd(x, self._recv_splits, self._send_splits, group)
+            # The one host sync of the layer: split sizes, as any uneven all-to-all needs.
+            splits = torch.cat([counts.view(ep, num_local).sum(dim=1), received.sum(dim=1)]).tolist()
+            self._send_splits, self._recv_splits = splits[:ep], splits[ep:]
+        self._rows = x.shape[0]
+        sent = sum(self._send_splits)
+        # Rows past the last group (capacity-dropped slots) stay home.
+        x = all_to_all_single_autograd(x[:sent], self._recv_splits, self._send_splits, group)
         with torch.no_grad():
-            perm = expert_major_order(received)
+            perm = expert_major_order(received, sum(self._recv_splits))
             self._inverse = torch.empty_like(perm)
             self._inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         return x[perm], received.sum(dim=0)
 
+    @torch._dynamo.disable
     def _combine(self, module: nn.Module, out: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
         out = out[self._inverse]  # back to (source rank, local expert) order
-        return all_to_all_single_autograd(out, self._send_splits, self._recv_splits, mesh.get_group())
+        out = all_to_all_single_autograd(out, self._send_splits, self._recv_splits, mesh.get_group())
+        # Dropped slots' rows come back as zeros.
+        return F.pad(out, (0, 0, 0, self._rows - out.shape[0]))
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         return distribute_module(
@@ -109,4 +128,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> int:
             raise ValueError(f"{name}: {expert_set.num_experts} experts do not split over EP degree {ep_mesh.size()}")
         # One style instance per module: it carries that module's split sizes from dispatch to combine.
         parallelize_module(expert_set.experts, ep_mesh, ExpertParallel())
+        # The megablocks capacity policy counts capacity over the EP group's tokens.
+        expert_set.ep_group, expert_set.ep_rank, expert_set.ep_size = (
+            ep_mesh.get_group(), ep_mesh.get_local_rank(), ep_mesh.size())
     return len(sets)

@@ -5,9 +5,12 @@ The order matters and follows torchtitan's MoE models:
 1. EP: shard every expert set's ``GroupedExperts`` over the ``ep`` mesh
    (``expert_parallel.py``); tokens move with all-to-all.
 2. Activation checkpointing per ``TransformerBlock`` (torchtitan's ``apply_ac``).
-3. ``torch.compile`` per block (GPU runs turn it on in the run config); in MoE
-   blocks only the static-shape parts (attention, norms, routers, generalist)
-   are compiled, the routing/dispatch code with data-dependent shapes stays eager.
+3. ``torch.compile`` per whole block, MoE blocks included (routing, dispatch,
+   grouped GEMM and combine in one graph, ``fullgraph=True``: the MoE code has
+   no data-dependent shapes).  Two exceptions compile the block with
+   ``fullgraph=False``, each with a documented break: expert parallelism (its
+   dispatch/combine need host split sizes and run eager) and the loop experts
+   (the off-Hopper path, which splits by host counts).
 4. FSDP2 over the data-parallel mesh (HSDP when ``dp_replicate > 1``); with EP
    the routed experts are sharded separately over the ranks left after EP
    (``efsdp``), torchtitan's dp2ep layout.  Gradient division is disabled:
@@ -64,7 +67,7 @@ def parallelize_titan_moe(model: nn.Module, parallel_dims: ParallelDims, job_con
         )
 
     if compile_model:
-        apply_compile(model, job_config.compile.backend)
+        apply_compile(model, job_config.compile.backend, ep_enabled=parallel_dims.ep_enabled)
 
     if parallel_dims.fsdp_enabled:
         replicate = parallel_dims.dp_replicate_enabled
@@ -91,19 +94,12 @@ def _unwrap(block: nn.Module) -> nn.Module:
     return block._checkpoint_wrapped_module if isinstance(block, CheckpointWrapper) else block
 
 
-def apply_compile(model: nn.Module, backend: str) -> None:
-    """Compile each block; MoE blocks only in their static-shape parts."""
+def apply_compile(model: nn.Module, backend: str, ep_enabled: bool = False) -> None:
+    """Compile each whole block; ``fullgraph=True`` wherever the block has no eager island."""
     for layer_id, block in list(model.layers.named_children()):
-        inner = _unwrap(block)
-        if hasattr(inner, "moe"):
-            for name in ("attention_norm", "attention", "ffn_norm"):
-                setattr(inner, name, torch.compile(getattr(inner, name), backend=backend, fullgraph=True))
-            for expert_set in inner.moe.sets:
-                expert_set.router = torch.compile(expert_set.router, backend=backend, fullgraph=True)
-            if inner.moe.generalist is not None:
-                inner.moe.generalist = torch.compile(inner.moe.generalist, backend=backend, fullgraph=True)
-        else:
-            model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=True))
+        sets = [s for _, s in expert_sets(_unwrap(block))]
+        fullgraph = not ep_enabled and all(s.experts.use_grouped_mm for s in sets)
+        model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=fullgraph))
     logger.info("Compiled each TransformerBlock with torch.compile")
 
 

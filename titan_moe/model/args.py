@@ -28,6 +28,10 @@ VOCAB_PAD_MULTIPLE = 128
 ROUTING_MODES = ("dropless", "capacity")
 CAPACITY_POLICIES = ("priority", "megablocks")
 EXPERT_IMPLS = ("auto", "grouped", "loop")
+Z_LOSS_NORMALIZATIONS = ("tokens", "tokens_topk")
+# Expert widths that are a multiple of this fill the GPU grouped GEMM's 16-byte rows
+# (8 bf16 values); other integral widths run, zero-padded up to it (see experts.py).
+EXPERT_WIDTH_ALIGN = 8
 
 
 def parse_fraction(value: Any, field_name: str) -> Fraction:
@@ -53,7 +57,9 @@ def expert_hidden_dim(granularity: Fraction, ffn_hidden: int, field_name: str) -
     width = granularity * ffn_hidden
     if width.denominator == 1:
         return int(width)
-    lower, upper = math.floor(width), math.ceil(width)
+    # Suggest the nearest widths the GPU grouped GEMM takes without padding.
+    align = EXPERT_WIDTH_ALIGN
+    lower, upper = math.floor(width / align) * align, math.ceil(width / align) * align
     nearest = ", ".join(
         f"{format_fraction(Fraction(w, ffn_hidden))} (hidden {w})" for w in (lower, upper) if w > 0
     )
@@ -210,6 +216,11 @@ def _validate_moe(args: TitanMoEModelArgs) -> None:
     if moe.capacity_policy not in CAPACITY_POLICIES:
         raise ConfigError(
             "moe.capacity_policy", f"unknown {moe.capacity_policy!r}; choose one of {', '.join(CAPACITY_POLICIES)}"
+        )
+    if moe.z_loss_normalization not in Z_LOSS_NORMALIZATIONS:
+        raise ConfigError(
+            "moe.z_loss_normalization",
+            f"unknown {moe.z_loss_normalization!r}; choose one of {', '.join(Z_LOSS_NORMALIZATIONS)}",
         )
     if moe.expert_impl not in EXPERT_IMPLS:
         raise ConfigError("moe.expert_impl", f"unknown {moe.expert_impl!r}; choose one of {', '.join(EXPERT_IMPLS)}")
