@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.model_configs import model_args
-from titan_moe.parallelize import apply_compile
+from titan_moe.infra.parallelize import apply_compile
 from titan_moe.model.transformer import Transformer
 
 ROUTINGS = {

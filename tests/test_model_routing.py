@@ -8,7 +8,7 @@ import torch
 from tests.distributed_utils import config
 from tests.model_configs import model_args
 from titan_moe.gpu_check import count_sync_ops
-from titan_moe.job_config import arch_section, moe_section, parse_run_config
+from titan_moe.job_config import load_run_config
 from titan_moe.model.args import ExpertSetArgs, MoEArgs, TitanMoEModelArgs
 from titan_moe.model.experts import _experts_grouped_mm, _experts_loop, pad_groups
 from titan_moe.model.moe import ExpertSet
@@ -171,8 +171,8 @@ def test_grouped_moe_forward_backward_has_no_host_sync_ops(moe):
 
 
 def test_routing_options_reach_the_expert_sets_from_the_command_line():
-    job = parse_run_config(["--job.config_file", config("tiny_moe"), "--moe.routing", "capacity",
-                            "--moe.capacity_policy", "megablocks", "--moe.z_loss_normalization", "tokens_topk"])
-    model = Transformer(TitanMoEModelArgs.from_sections(arch_section(job), moe_section(job), 16))
+    job = load_run_config(config("tiny_moe"), ["--moe.routing", "capacity", "--moe.capacity_policy", "megablocks",
+                                               "--moe.z_loss_normalization", "tokens_topk"])
+    model = Transformer(TitanMoEModelArgs.from_job_config(job))
     s = model.layers["0"].moe.sets[0]
     assert (s.routing, s.capacity_policy, s.z_loss_normalization) == ("capacity", "megablocks", "tokens_topk")
