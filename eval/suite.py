@@ -70,8 +70,15 @@ def run_suite(
     t0 = time.perf_counter()
     with scoring:
         for spec in specs:
-            if spec.name == "paloma":
+            if spec.kind == "paloma":
                 out["tasks"]["paloma"] = _run_paloma(lm, tokenizer, spec, cfg, group, stats, examples)
+            elif spec.kind == "olmo":
+                from eval.olmo_tasks import run_olmo_task
+
+                out["tasks"][spec.name] = run_olmo_task(
+                    lm, tokenizer, spec.name, limit=cfg.limit, batch_tokens=cfg.batch_tokens,
+                    max_batch_size=cfg.max_batch_size, progress=cfg.progress, group=group, stats=stats,
+                )  # fmt: skip
             else:
                 out["tasks"].update(_run_downstream(lm, tokenizer, spec, cfg, group, stats, examples))
     out["elapsed_s"] = time.perf_counter() - t0
@@ -80,19 +87,31 @@ def run_suite(
     return out
 
 
+def empty_tasks(results: dict) -> list[str]:
+    """Tasks (and Paloma subsets) that ended with zero scored examples: a run that must not pass."""
+    empty = []
+    for key, entry in results["tasks"].items():
+        if key == "paloma":
+            empty += [f"paloma/{name}" for name, s in entry["subsets"].items() if not s.get("documents")]
+        elif not entry.get("n"):
+            empty.append(key)
+    return empty
+
+
 # -- downstream -----------------------------------------------------------------
 
 
 def _run_downstream(lm, tokenizer, spec, cfg, group, stats, examples) -> dict:
-    task: MultipleChoiceTask = downstream_task(spec.name, cfg.mmlu_format)
-    split = cfg.mmlu_split if spec.name == "mmlu" else task.eval_split
+    """A hand-written (legacy_*) task: its own prompts and metrics."""
+    task: MultipleChoiceTask = downstream_task(spec.base, cfg.mmlu_format)
+    split = cfg.mmlu_split if spec.base == "mmlu" else task.eval_split
     need_shots = max(cfg.shots) > 0
     loaded: dict[str | None, TaskData] = {}
     for g in task.groups(spec.subsets):
         loaded[g] = task.load(
             g,
             data_root=cfg.data_root,
-            override=cfg.task_data.get(spec.name),
+            override=cfg.task_data.get(spec.name, cfg.task_data.get(spec.base)),
             split=split,
             need_shots=need_shots,
             allow_hub=cfg.allow_hub,
@@ -134,7 +153,7 @@ def _run_downstream(lm, tokenizer, spec, cfg, group, stats, examples) -> dict:
             entry["shots_from"] = (
                 f"{split} split (the question itself excluded)" if first.shots_from_eval_split else task.shot_split
             )
-        if spec.name == "mmlu":
+        if spec.base == "mmlu":
             entry.update(_mmlu_breakdown(scored))
             entry["prompt_format"] = cfg.mmlu_format
         entry["split"] = split
