@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mmlu-format", choices=["cloze", "mc"], default="cloze")
     p.add_argument("--mmlu-split", default="validation", choices=["validation", "test"])
     p.add_argument("--paloma-split", default="val", choices=["val", "test"])
+    p.add_argument("--paloma-dtype", choices=["uint16", "uint32"],
+                   help="token dtype of raw Paloma .npy memmaps without a JSON sidecar (default uint16; dolma2: uint32)")
     p.add_argument("--tb-dir", type=Path, help="TensorBoard log dir (default for checkpoints: <dump>/tb/eval)")
     p.add_argument("--no-tensorboard", action="store_true")
     p.add_argument("--save-examples", type=Path, help="per-question / per-document log-likelihoods as JSONL")
@@ -161,7 +163,8 @@ def _run(args, argv: list[str]) -> int:
         cfg = SuiteConfig(
             data_root=args.data_root, task_data=task_data, shots=shots, limit=args.limit,
             batch_tokens=batch_tokens, max_batch_size=args.batch_size, mmlu_format=args.mmlu_format,
-            mmlu_split=args.mmlu_split, paloma_split=args.paloma_split, progress=not args.no_progress,
+            mmlu_split=args.mmlu_split, paloma_split=args.paloma_split, paloma_dtype=args.paloma_dtype,
+            progress=not args.no_progress,
             return_examples=args.save_examples is not None,
         )  # fmt: skip
         results = run_suite(model, tokenizer, specs, config=cfg)
@@ -171,7 +174,7 @@ def _run(args, argv: list[str]) -> int:
             "max_seq_len": model.max_seq_len, "eos_id": model.eos_id, "shots": list(shots),
             "limit": args.limit, "batch_tokens": batch_tokens, "world_size": ed.world_size(),
             "device": str(device), "dtype": args.dtype or "as saved", "mmlu_format": args.mmlu_format,
-            "mmlu_split": args.mmlu_split, "paloma_split": args.paloma_split,
+            "mmlu_split": args.mmlu_split, "paloma_split": args.paloma_split, "paloma_dtype": args.paloma_dtype,
             "data_root": str(args.data_root) if args.data_root else None,
         }  # fmt: skip
         doc = build_document(results, model_name=model.name, step=model.step, source=source, settings=settings)

@@ -78,6 +78,8 @@ def markdown_table(doc: dict) -> str:
                 f"{_fmt(s['ppl'], 2)} | {_fmt(s['bits_per_byte'])} |"
             )
         out.append(f"| **macro mean** | | | **{_fmt(paloma['macro_ce'])}** | | {_fmt(paloma['macro_bits_per_byte'])} |")
+        splits = sorted({s["document_split"] for s in paloma["subsets"].values() if s.get("document_split")})
+        out += [f"Paloma documents split by {split}" for split in splits]
         out.append("")
     olmo = {key: t for key, t in tasks.items() if "metrics" in t}
     if olmo:

@@ -11,6 +11,7 @@ ranks and every rank returns the same dict.
 from __future__ import annotations
 
 import contextlib
+import sys
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class SuiteConfig:
     mmlu_format: str = "cloze"  # or "mc"
     mmlu_split: str = "validation"
     paloma_split: str = "val"
+    paloma_dtype: str | None = None  # raw token files without a header or JSON sidecar: "uint16" / "uint32"
     allow_hub: bool | None = None  # None: allowed unless HF offline mode is set
     progress: bool = True
     return_examples: bool = False  # per-question LLs / per-document log-probs in results["examples"]
@@ -212,7 +214,11 @@ def _run_paloma(lm: LogitsModel, tokenizer, spec, cfg, group, stats, examples) -
     subsets: dict[str, dict] = {}
     show = cfg.progress and ed.rank(group) == 0
     for name in select_subsets(spec.subsets):
-        docs, report = load_subset(name, root, tokenizer, split=cfg.paloma_split, limit=cfg.limit, progress=show)
+        docs, report = load_subset(
+            name, root, tokenizer, split=cfg.paloma_split, limit=cfg.limit, progress=show, dtype=cfg.paloma_dtype
+        )
+        if report.document_split and show:
+            print(f"paloma {name}: documents split by {report.document_split}", file=sys.stderr, flush=True)
         requests: list[Request] = []
         owner: list[int] = []
         for d, doc in enumerate(docs):
