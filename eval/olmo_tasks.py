@@ -83,6 +83,20 @@ def make_tokenizer(tok: TextTokenizer):
     return _Adapter()
 
 
+_BUILT: dict[tuple, tuple[str, list[dict]]] = {}
+
+
+def _built_task(label: str, tokenizer: TextTokenizer, ctx_len: int) -> tuple[str, list[dict]]:
+    """(metric type, instances) of a task; built once per process (in-loop eval reuses them every time)."""
+    key = (label, tokenizer.source, tokenizer.eos_id, ctx_len)
+    if key not in _BUILT:
+        from olmo_eval import build_task
+
+        task = build_task(label, make_tokenizer(tokenizer), model_ctx_len=ctx_len)
+        _BUILT[key] = (task.metric_type, list(task.samples))
+    return _BUILT[key]
+
+
 def _limit_docs(samples: list[dict], limit: int | None) -> list[dict]:
     if limit is None:
         return samples
@@ -132,23 +146,23 @@ def run_olmo_task(
     metric_positions: int = 512,
 ) -> dict:
     """Score one ai2-olmo-eval task; returns its report entry (n = 0: nothing could be scored)."""
-    from olmo_eval import ICLMetric, build_task
+    from olmo_eval import ICLMetric
 
-    task = build_task(label, make_tokenizer(tokenizer), model_ctx_len=lm.max_seq_len)
-    samples = _limit_docs(list(task.samples), limit)
+    metric_type, all_samples = _built_task(label, tokenizer, lm.max_seq_len)
+    samples = _limit_docs(all_samples, limit)
     # The library left-truncates each query to the context; an answer longer than that cannot be scored.
     too_long = {s["doc_id"] for s in samples if s["cont_len"] > lm.max_seq_len}
     samples = [s for s in samples if s["doc_id"] not in too_long]
     n_docs = len({s["doc_id"] for s in samples})
     entry = {
-        "library": f"ai2-olmo-eval {library_version()}", "metric_type": task.metric_type, "n": n_docs,
+        "library": f"ai2-olmo-eval {library_version()}", "metric_type": metric_type, "n": n_docs,
         "instances": len(samples), "skipped": len(too_long),
     }  # fmt: skip
     if too_long:
         entry["skipped_reason"] = f"an answer is longer than the model context of {lm.max_seq_len} tokens"
     if n_docs == 0:  # the library's compute divides by the count; the caller reports the empty task
         return entry | {"metrics": {}, "olmo_core": {}}
-    metric = ICLMetric(metric_type=task.metric_type)
+    metric = ICLMetric(metric_type=metric_type)
     inputs = [s["query"] for s in samples]
 
     def consume(rows, logits):

@@ -122,7 +122,7 @@ def hf_config(args: TitanMoEModelArgs, arch: str, eos_id: int, dtype: torch.dtyp
         vocab_size=args.padded_vocab_size, hidden_size=args.dim, num_hidden_layers=args.n_layers,
         num_attention_heads=args.n_heads, num_key_value_heads=args.kv_heads, max_position_embeddings=args.max_seq_len,
         rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, attention_bias=False, tie_word_embeddings=False,
-        eos_token_id=eos_id, pad_token_id=eos_id, bos_token_id=None, torch_dtype=dtype,
+        eos_token_id=eos_id, pad_token_id=None, bos_token_id=None, torch_dtype=dtype,  # pad: only the tokenizer's
     )  # fmt: skip
     if arch == "llama":
         config = transformers.LlamaConfig(intermediate_size=args.ffn_hidden, head_dim=args.attn_head_dim,
