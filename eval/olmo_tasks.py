@@ -17,6 +17,7 @@ gathered and put in (doc_id, cont_id) order before the library's `compute`.
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 
 import torch
@@ -191,8 +192,7 @@ def run_olmo_task(
     )  # fmt: skip
     task_stats.requests = len(samples)
     task_stats.scored_tokens = sum(s["cont_len"] for s in samples)
-    if stats is not None:
-        stats[label] = task_stats
+    t_reduce = time.perf_counter()
     # Every rank's states, in (doc_id, cont_id) order: the library's compute then sums in the same
     # order whatever the world size.  Its own sync (all_gather_object in rank order) would not.
     local = {name: list(value) for name, value in metric.metric_state.items()}
@@ -206,6 +206,9 @@ def run_olmo_task(
     with warnings.catch_warnings():  # the library builds its result tensors with torch.tensor(tensor)
         warnings.simplefilter("ignore", UserWarning)
         values = {k: float(v) for k, v in ICLMetric.compute(metric).items()}
+    task_stats.total_s += time.perf_counter() - t_reduce
+    if stats is not None:
+        stats[label] = task_stats
     entry["metrics"] = values
     entry["olmo_core"] = {f"{label} ({OLMO_CORE_LABELS.get(k, k)})": v for k, v in values.items()}
     return entry
