@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2, help="generated model only")
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--docs", type=int, default=48)
-    p.add_argument("--questions", type=int, default=120)
+    p.add_argument("--questions", type=int, default=40, help="per downstream task (5-shot contexts fill the window)")
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     plain_forward_s(lm, lm.max_seq_len, args.batch_tokens, vocab)  # warm-up (allocator, kernels)
     from eval.olmo_tasks import _built_task
 
-    for label in DOWNSTREAM_TASKS.split(","):  # untimed: tokenizing a task's requests, once per process
-        _built_task(label, tok, lm.max_seq_len)
+    for task in DOWNSTREAM_TASKS.split(","):  # untimed: tokenizing a task's requests, once per process
+        _built_task(task, tok, lm.max_seq_len)
     print(f"model: {label} on {args.device}; context {lm.max_seq_len}; batch budget {args.batch_tokens} tokens")
 
     # Each side is timed --repeats times, alternating, and the fastest run kept:
