@@ -26,6 +26,7 @@ from eval import distributed as ed
 from eval.models import LogitsModel
 from eval.scoring import ScoreStats, forward_batches
 from eval.tokenizer import TextTokenizer
+from titan_moe.errors import ConfigError
 
 # OLMo-core's names for ICLMetric's result keys (olmo_core.train.callbacks.evaluator_callback).
 OLMO_CORE_LABELS = {
@@ -150,6 +151,8 @@ def run_olmo_task(
     from olmo_eval import ICLMetric
 
     metric_type, all_samples = _built_task(label, tokenizer, lm.max_seq_len)
+    if metric_type == "pmi_dc":  # would need a second, domain-conditional forward pass per instance
+        raise ConfigError("--tasks", f"{label} is scored by PMI-DC, which titan-moe does not run; choose its rc/mc form")
     samples = _limit_docs(all_samples, limit)
     # The library left-truncates each query to the context; an answer longer than that cannot be scored.
     too_long = {s["doc_id"] for s in samples if s["cont_len"] > lm.max_seq_len}
