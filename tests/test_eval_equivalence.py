@@ -50,10 +50,10 @@ def test_boolq_matches_transformers(arch, request):
     datasets = pytest.importorskip("datasets")
     tiny = request.getfixturevalue("tiny" if arch == "llama" else "tiny_neox")
     n = 20
-    ours = _ours(tiny, "boolq", limit=n, shots=(0,))
+    ours = _ours(tiny, "legacy_boolq", limit=n, shots=(0,))
     ref = Reference(tiny, MAX_SEQ_LEN)
     rows = datasets.load_from_disk(str(EVAL_DATA / "boolq" / "none" / "validation")).select(range(n))
-    got = [e for e in ours["examples"] if e["task"] == "boolq"]
+    got = [e for e in ours["examples"] if e["task"] == "legacy_boolq"]
     assert len(got) == n
     acc, acc_char, ce = 0, 0, 0.0
     for row, example in zip(rows, got):
@@ -65,7 +65,7 @@ def test_boolq_matches_transformers(arch, request):
         acc += _argmax(lls) == gold
         acc_char += _argmax([lls[0] / 4, lls[1] / 3]) == gold  # len(" yes"), len(" no")
         ce += -lls[gold] / (3 if gold == 0 else 2)  # len("yes"), len("no")
-    result = ours["tasks"]["boolq"]
+    result = ours["tasks"]["legacy_boolq"]
     assert result["n"] == n
     assert result["accuracy"] == acc / n
     assert result["accuracy_per_char"] == acc_char / n
@@ -76,9 +76,9 @@ def test_mmlu_zero_and_five_shot_match_transformers(tiny):
     datasets = pytest.importorskip("datasets")
     subjects = {"abstract_algebra": "stem", "anatomy": "other"}
     n = 5
-    ours = _ours(tiny, "mmlu:abstract_algebra+anatomy", limit=n, shots=(0, 5))
+    ours = _ours(tiny, "legacy_mmlu:abstract_algebra+anatomy", limit=n, shots=(0, 5))
     ref = Reference(tiny, MAX_SEQ_LEN)
-    for shots, key in ((0, "mmlu"), (5, "mmlu_5shot")):
+    for shots, key in ((0, "legacy_mmlu"), (5, "legacy_mmlu_5shot")):
         got = [e for e in ours["examples"] if e["task"] == key]
         correct = {"stem": 0, "other": 0}
         ce_sum = 0.0
@@ -125,7 +125,7 @@ def test_hellaswag_prompt_cleaning_and_scoring(tiny, tmp_path):
     }
     path = tmp_path / "hellaswag.jsonl"
     path.write_text(json.dumps(record) + "\n")
-    ours = _ours(tiny, "hellaswag", shots=(0,), task_data={"hellaswag": path})
+    ours = _ours(tiny, "legacy_hellaswag", shots=(0,), task_data={"hellaswag": path})
     ref = Reference(tiny, MAX_SEQ_LEN)
     # Cleaned by hand: " [title]" -> ". ", other [..] dropped, double spaces collapsed, ctx_b capitalised.
     prompt = "Making a sandwich: A man puts bread on a plate He spreads butter. Then he"
@@ -134,7 +134,7 @@ def test_hellaswag_prompt_cleaning_and_scoring(tiny, tmp_path):
     (example,) = ours["examples"]
     assert example["lls"] == pytest.approx(lls, abs=ATOL)
     per_char = [ll / len(e) for ll, e in zip(lls, endings)]
-    result = ours["tasks"]["hellaswag"]
+    result = ours["tasks"]["legacy_hellaswag"]
     assert result["accuracy_per_char"] == float(_argmax(per_char) == 0)
     assert result["ce_per_char"] == pytest.approx(-lls[0] / len(endings[0].lstrip()), abs=ATOL)
     assert math.isfinite(result["ce_per_char"])

@@ -27,7 +27,7 @@ def test_maybe_evaluate_scores_on_schedule_and_restores_training_state():
     counters = {n: b.clone() for n, b in model.named_buffers() if n.endswith("tokens_per_expert")}
     assert counters and all(c.sum() > 0 for c in counters.values())
 
-    cfg = InLoopEval(tasks="boolq,mmlu:anatomy", freq=5, data_root=str(EVAL_DATA), tokenizer=str(TOKENIZER_JSON), limit=3)
+    cfg = InLoopEval(tasks="legacy_boolq,legacy_mmlu:anatomy", freq=5, data_root=str(EVAL_DATA), tokenizer=str(TOKENIZER_JSON), limit=3)
     assert maybe_evaluate(cfg, 11, model, seq_len=32) is None
     got = maybe_evaluate(cfg, 10, model, seq_len=32)
     assert model.training
@@ -37,9 +37,9 @@ def test_maybe_evaluate_scores_on_schedule_and_restores_training_state():
     model.eval()
     tok = TextTokenizer.from_file(TOKENIZER_JSON)
     standalone = run_suite(
-        ModuleLogitsModel(model, max_seq_len=32, eos_id=50279), tok, "boolq,mmlu:anatomy",
+        ModuleLogitsModel(model, max_seq_len=32, eos_id=50279), tok, "legacy_boolq,legacy_mmlu:anatomy",
         config=SuiteConfig(data_root=EVAL_DATA, limit=3, progress=False),
     )["tasks"]  # fmt: skip
-    assert got["eval/boolq/accuracy"] == standalone["boolq"]["accuracy"]
-    assert got["eval/mmlu/other/ce_per_char"] == standalone["mmlu"]["categories"]["other"]["ce_per_char"]
-    assert set(got) >= {"eval/boolq/accuracy_per_char", "eval/mmlu/accuracy"}
+    assert got["eval/legacy_boolq/accuracy"] == standalone["legacy_boolq"]["accuracy"]
+    assert got["eval/legacy_mmlu/other/ce_per_char"] == standalone["legacy_mmlu"]["categories"]["other"]["ce_per_char"]
+    assert set(got) >= {"eval/legacy_boolq/accuracy_per_char", "eval/legacy_mmlu/accuracy"}

@@ -174,3 +174,63 @@ def test_subset_missing_from_text_release_is_explained(setup):
     root, model_dir, _ = setup
     with pytest.raises(ConfigError, match="ice is not in the Hugging Face text release"):
         _score(root / "text", model_dir, tasks="paloma:ice")
+
+
+def _copy_tokenized(src, dst, *, sidecar: bool, dtype: str = "uint16", metadata: bool = False):
+    """The pre-tokenized tree again, optionally without .csv.gz sidecars and/or as another dtype."""
+    for npy in sorted(src.rglob("*.npy")):
+        out = dst / npy.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.fromfile(npy, dtype=np.uint16).astype(dtype).tofile(out)
+        if sidecar:
+            name = npy.name[: -len(".npy")] + ".csv.gz"
+            (out.parent / name).write_bytes((npy.parent / name).read_bytes())
+        if metadata:
+            (out.parent / "metadata.json").write_text(json.dumps({"dtype": dtype}))
+    return dst
+
+
+def _scores(root, model_dir, **cfg):
+    from eval import SuiteConfig, load_hf_model, run_suite
+
+    lm, tok = load_hf_model(model_dir, max_seq_len=WINDOW)
+    config = SuiteConfig(data_root=root, progress=False, batch_tokens=64, **cfg)
+    return run_suite(lm, tok, "paloma:c4_en+dolma_books", config=config)["tasks"]["paloma"]["subsets"]
+
+
+def test_npy_without_sidecar_splits_on_eos_zero(setup, tmp_path):
+    """No .csv.gz: documents end at each EOS id 0 (OLMo's v3_small files), the same documents as with offsets."""
+    from eval.tasks.paloma import SPLIT_BY_EOS, SPLIT_BY_SIDECAR
+
+    root, model_dir, docs = setup
+    bare = _copy_tokenized(root / "tok", tmp_path / "bare", sidecar=False)
+    with_offsets = _scores(root / "tok", model_dir)
+    split_on_eos = _scores(bare, model_dir)
+    for subset, texts in docs.items():
+        a, b = with_offsets[subset], split_on_eos[subset]
+        assert (b["documents"], b["tokens"], b["bytes"]) == (a["documents"], a["tokens"], a["bytes"])
+        assert b["documents"] == len(texts)
+        assert b["ce"] == a["ce"]  # the very same token lists, scored in the very same batches
+        assert (a["document_split"], b["document_split"]) == (SPLIT_BY_SIDECAR, SPLIT_BY_EOS)
+        assert b["document_split"] == "EOS id 0 (OLMo v3_small convention; no .csv.gz sidecar)"
+
+
+def test_uint32_token_files_by_sidecar_or_option(setup, tmp_path):
+    from titan_moe.errors import ConfigError
+
+    root, model_dir, _ = setup
+    expected = _scores(root / "tok", model_dir)
+    declared = _copy_tokenized(root / "tok", tmp_path / "declared", sidecar=True, dtype="uint32", metadata=True)
+    undeclared = _copy_tokenized(root / "tok", tmp_path / "undeclared", sidecar=True, dtype="uint32")
+    for got in (_scores(declared, model_dir), _scores(undeclared, model_dir, paloma_dtype="uint32")):
+        for subset, want in expected.items():
+            assert {k: got[subset][k] for k in ("documents", "tokens", "bytes", "ce")} == {
+                k: want[k] for k in ("documents", "tokens", "bytes", "ce")
+            }
+    # A sidecar outranks the option; an impossible dtype is named with the file.
+    assert _scores(declared, model_dir, paloma_dtype="uint16")["c4_en"]["ce"] == expected["c4_en"]["ce"]
+    odd = _copy_tokenized(root / "tok", tmp_path / "odd", sidecar=True, dtype="uint16")
+    npy = next(odd.rglob("c4_en/val/*.npy"))
+    npy.write_bytes(npy.read_bytes() + b"\0")  # one stray byte: no longer whole uint32 tokens
+    with pytest.raises(ConfigError, match=r"bytes is not a whole number of uint32 tokens \(--paloma-dtype\)"):
+        _scores(odd, model_dir, paloma_dtype="uint32")

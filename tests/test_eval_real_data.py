@@ -49,11 +49,11 @@ def test_cli_scores_full_boolq_and_mmlu(tmp_path):
     require_shared_data()
     model_dir = make_tiny_model(tmp_path, max_seq_len=64)
     out = tmp_path / "results.json"
-    rc = main(["--hf-model", str(model_dir), "--tasks", "boolq,mmlu", "--data-root", str(EVAL_DATA),
+    rc = main(["--hf-model", str(model_dir), "--tasks", "legacy_boolq,legacy_mmlu", "--data-root", str(EVAL_DATA),
                "--shots", "0", "--out", str(out), "--no-progress", "--batch-tokens", "2048"])  # fmt: skip
     assert rc == 0
     tasks = json.loads(out.read_text())["tasks"]
-    assert tasks["boolq"]["n"] == 3270 and tasks["boolq"]["skipped"] == 0
+    assert tasks["legacy_boolq"]["n"] == 3270 and tasks["legacy_boolq"]["skipped"] == 0
     # Answers longer than the 64-token context cannot be scored: skipped, counted, not lost.
     tok = Reference(model_dir, 64).tok
     too_long = sum(
@@ -62,12 +62,12 @@ def test_cli_scores_full_boolq_and_mmlu(tmp_path):
         for q in MMLU().load(subject, data_root=EVAL_DATA).questions
     )
     assert too_long > 0
-    assert (tasks["mmlu"]["n"], tasks["mmlu"]["skipped"]) == (1531 - too_long, too_long)
-    assert "tokens; must be 1..64" in tasks["mmlu"]["skipped_examples"][0]["reason"]
-    assert sum(v["n"] for v in tasks["mmlu"]["categories"].values()) == 1531 - too_long
-    assert len(tasks["mmlu"]["subjects"]) == 57
+    assert (tasks["legacy_mmlu"]["n"], tasks["legacy_mmlu"]["skipped"]) == (1531 - too_long, too_long)
+    assert "tokens; must be 1..64" in tasks["legacy_mmlu"]["skipped_examples"][0]["reason"]
+    assert sum(v["n"] for v in tasks["legacy_mmlu"]["categories"].values()) == 1531 - too_long
+    assert len(tasks["legacy_mmlu"]["subjects"]) == 57
     # A random model is near chance: these bounds fail only if scoring is broken.
-    assert 0.1 < tasks["mmlu"]["accuracy"] < 0.4
+    assert 0.1 < tasks["legacy_mmlu"]["accuracy"] < 0.4
 
 
 def test_separate_tokenization_equals_harness_joint_split():

@@ -56,3 +56,17 @@ def test_write_json_is_atomic_and_complete(tmp_path):
     write_json(_doc(), path)
     assert json.loads(path.read_text())["step"] == 42
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp files left
+
+
+def test_olmo_eval_entries_in_table_and_olmo_core_tags():
+    entry = {"library": "ai2-olmo-eval 0.8.5", "metric_type": "len_norm", "n": 10, "skipped": 0,
+             "metrics": {"len_norm_v1": 0.3, "ce_loss_v1": 2.5, "bpb_v1": 3.25},
+             "olmo_core": {"hellaswag_rc_5shot (length-normalized accuracy)": 0.3,
+                           "hellaswag_rc_5shot (CE loss)": 2.5, "hellaswag_rc_5shot (BPB)": 3.25}}  # fmt: skip
+    doc = build_document({"tasks": {"hellaswag_rc_5shot": entry}}, model_name="m", step=1, source={}, settings={})
+    assert "| hellaswag_rc_5shot | 10 | – | 0.3000 | 2.5000 | 3.2500 |" in markdown_table(doc)
+    assert scalars(doc) == {
+        "eval/downstream/hellaswag_rc_5shot (length-normalized accuracy)": 0.3,
+        "eval/downstream/hellaswag_rc_5shot (CE loss)": 2.5,
+        "eval/downstream/hellaswag_rc_5shot (BPB)": 3.25,
+    }

