@@ -12,6 +12,7 @@ import torch
 from tests.eval_support import TOKENIZER_JSON, require_shared_data
 from titan_moe.checkpoint import catalog
 from titan_moe.checkpoint.cli import main as checkpoints_main
+from titan_moe.job_config import load_run_config
 
 transformers = pytest.importorskip("transformers", reason="the export needs transformers (dev group / hf extra)")
 
@@ -69,7 +70,7 @@ def _point(tmp_path: Path, qk_norm: str, moe: dict | None, seed: int = 0) -> tup
     text = ARCH.format(dump=tmp_path, assets=assets, qk_norm=qk_norm) + (MOE.format(**moe) if moe else "")
     config.write_text(text)
     torch.manual_seed(seed)
-    model = Transformer(TitanMoEModelArgs.from_toml(config))
+    model = Transformer(TitanMoEModelArgs.from_job_config(load_run_config(config)))
     model.init_weights()
     with torch.no_grad():  # norm weights away from 1 so a wrong permutation or a missed norm shows
         for name, p in model.named_parameters():
@@ -187,7 +188,7 @@ def test_sweep_collect_exports_every_exportable_point(tmp_path):
     models = {}
     for name, step in (("tiny_dense", 3), ("tiny_g1-4_s2", 3)):
         torch.manual_seed(step)
-        model = Transformer(TitanMoEModelArgs.from_toml(points / name / "config.toml"))
+        model = Transformer(TitanMoEModelArgs.from_job_config(load_run_config(points / name / "config.toml")))
         model.init_weights()
         dcp.save(model.state_dict(), checkpoint_id=str(points / name / "checkpoint" / f"step-{step}"))
         catalog.commit(str(points / name / "checkpoint" / f"step-{step}"), step=step)
@@ -211,7 +212,7 @@ def test_sweep_collect_exports_every_exportable_point(tmp_path):
             torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)
 
     # A newer checkpoint replaces the export; an unchanged one is left alone.
-    newer = Transformer(TitanMoEModelArgs.from_toml(points / "tiny_dense" / "config.toml"))
+    newer = Transformer(TitanMoEModelArgs.from_job_config(load_run_config(points / "tiny_dense" / "config.toml")))
     newer.init_weights()
     dcp.save(newer.state_dict(), checkpoint_id=str(points / "tiny_dense" / "checkpoint" / "step-9"))
     catalog.commit(str(points / "tiny_dense" / "checkpoint" / "step-9"), step=9)

@@ -144,13 +144,14 @@ def hf_export(point_dir: Path) -> dict[str, Any]:
     from titan_moe.checkpoint.cli import export_hf
     from titan_moe.checkpoint.hf_export import target_architecture
     from titan_moe.errors import ConfigError
+    from titan_moe.job_config import load_run_config
     from titan_moe.model.args import TitanMoEModelArgs
 
     config = point_dir / CONFIG_NAME
     if not config.is_file():
         return {}
     try:
-        target_architecture(TitanMoEModelArgs.from_toml(config))
+        target_architecture(TitanMoEModelArgs.from_job_config(load_run_config(config)))
     except ConfigError as exc:
         return {"hf_export_refused": str(exc).split(": ", 1)[-1]}
     folder = tomllib.loads(config.read_text()).get("checkpoint", {}).get("folder", "checkpoint")

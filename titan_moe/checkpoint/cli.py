@@ -104,12 +104,13 @@ def export_hf(folder: str, out: str, step: int | None, config: str | None, token
     """A transformers folder from a checkpoint; the design is checked before any weight is read."""
     from titan_moe.checkpoint.hf_export import target_architecture, write_hf_folder
     from titan_moe.errors import ConfigError
+    from titan_moe.job_config import load_run_config
     from titan_moe.model.args import TitanMoEModelArgs
 
     config_path = Path(config) if config else default_config(folder)
     if config_path is None or not config_path.is_file():
         raise ConfigError("--config", f"pass the run config the checkpoint was trained with (no config.toml next to {folder})")
-    args = TitanMoEModelArgs.from_toml(config_path)
+    args = TitanMoEModelArgs.from_job_config(load_run_config(config_path))
     arch = target_architecture(args)
     run_tok, run_eos = run_tokenizer(config_path)
     tokenizer = tokenizer or run_tok
