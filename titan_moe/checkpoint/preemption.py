@@ -42,8 +42,7 @@ class PreemptionHandler:
         self.requested_at: float | None = None
         self.group = group
         self._pending: tuple[dist.Work, torch.Tensor] | None = None
-        for sig in signals:
-            signal.signal(sig, self._on_signal)
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
 
     def _on_signal(self, signum, frame) -> None:
         if self.requested_at is None:
@@ -77,8 +76,14 @@ class PreemptionHandler:
         return bool(flag[0])
 
     def close(self) -> None:
-        """Finish the agreement still in flight (every rank started it) before teardown."""
+        """Finish the agreement still in flight (every rank started it) before teardown, and
+        give the signals back: the installed handler would otherwise keep this object -- and
+        its process group with its native threads -- alive into interpreter teardown."""
         self._collect()
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+        self.group = None
 
     def time_left(self) -> float:
         if self.requested_at is None:
