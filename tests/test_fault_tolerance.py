@@ -137,8 +137,7 @@ def test_sigterm_commits_a_final_checkpoint_exits_nonzero_and_resumes(reference,
     status = finish(proc, dump)
     assert status != 0
     log = (dump / "torchrun.log").read_text()
-    # torchrun reports the first worker to finish with its own status: 75, not a crash or a kill.
-    assert re.search(r"exitcode\s*:\s*75\b", log), log[-3000:]
+    assert "exiting 75" in log
     assert_no_abort(dump)
     stopped_at = logged_steps(dump)
     assert stopped_at < STEPS
@@ -157,6 +156,20 @@ def test_sigterm_commits_a_final_checkpoint_exits_nonzero_and_resumes(reference,
     points = events.Scalars("loss/lm")
     assert [p.step for p in points] == list(range(1, STEPS + 1)), "no duplicate points after resume"
     assert [p.value for p in points] == pytest.approx([r["loss/lm"] for r in metrics], rel=1e-6)
+
+
+def test_sigterm_to_every_worker_exits_75_without_abort(tmp_path):
+    """As Kubernetes does on preemption: SIGTERM to every process of the pod, the workers included."""
+    dump = tmp_path / "dense_sigterm_workers"
+    proc = launch(RUNS["dense"], dump)
+    wait_for(lambda: logged_steps(dump) >= 3, proc, "step 3")
+    for pid in workers(proc):
+        os.kill(pid, signal.SIGTERM)
+    assert finish(proc, dump) == 1  # torchrun: a worker failed
+    log = (dump / "torchrun.log").read_text()
+    # torchrun reports the worker's own status: 75 (preempted), not a crash, a kill or an abort.
+    assert re.search(r"exitcode\s*:\s*75\b", log), log[-3000:]
+    assert_no_abort(dump)
 
 
 def test_a_crash_after_the_process_group_started_exits_nonzero_without_abort(tmp_path):
