@@ -4,17 +4,21 @@ Why this exists (root cause of "terminate called without an active exception",
 exit -6, after the last step of a finished run): torchtitan's
 ``GarbageCollection`` turns Python's cyclic GC off (``gc.disable()``) for the
 whole process, and the trainer sits in reference cycles (its bound methods are
-held by the metrics processor, ``train_state=self`` by the checkpointer, FSDP
-hooks by the modules).  So when ``run()`` returned, the trainer -- FSDP
-states, DeviceMesh, optimizer, data loader, TensorBoard writer -- was still
-alive, and ``destroy_process_group()`` only dropped the *registry's*
-references: the gloo communicators (each with its native ``pt_gloo_runloop``
-``std::thread``), and on rank 0 the TCPStore server (``pt_tcpstore_uv``),
-stayed up.  They were destroyed inside ``Py_FinalizeEx`` by the final
-collection, in arbitrary order, while the peer rank was tearing down its side
-of the same sockets; a C++ ``std::thread`` destroyed there while still
-joinable calls ``std::terminate`` -> SIGABRT.  Timing decides whether the
-thread is already joined, hence "1 run in 6" on a loaded machine.
+held by the metrics processor, ``train_state=self`` by the checkpointer, the
+preemption handler by the SIGTERM handler).  So when ``run()`` returned, the
+trainer -- FSDP states, device meshes, optimizer, data loader, TensorBoard
+writer -- was still alive (checked with a weak reference), and
+``destroy_process_group()`` only dropped the *registry's* references: each
+rank still ran the native ``pt_gloo_runloop`` thread of every gloo
+communicator (the mesh groups, the checkpoint and preemption groups), and
+rank 0 the TCPStore server thread ``pt_tcpstore_uv`` (checked by listing
+``/proc/self/task`` after ``main()``).  Those C++ objects were destroyed by the
+final collection inside ``Py_FinalizeEx`` -- the abort shows only the main
+thread, "<no Python frame>", and an almost empty module table, i.e.
+interpreter finalization -- in arbitrary order, while the peer rank tore down
+its side of the same sockets; a ``std::thread`` destroyed there while still
+joinable calls ``std::terminate`` -> SIGABRT.  Timing decides, hence about one
+launch in 6-15 on a loaded 2-core machine.
 
 The fix is to never leave that work to interpreter finalization:
 :func:`shutdown` runs on every exit path (normal end, preemption -> 75,
