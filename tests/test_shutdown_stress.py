@@ -2,9 +2,11 @@
 
 Before the orderly shutdown (titan_moe/shutdown.py) about 1 launch in 6-15 on a
 loaded 2-core machine aborted after its last step ("terminate called without
-an active exception", exit -6).  Each launch here is the real CLI a researcher
-types (torchrun, gloo, TensorBoard on), the dense config and the MoE config
-with expert parallelism 2, alternating.  TITAN_MOE_STRESS_LAUNCHES sets the
+an active exception", exit -6).  Each launch is the torchrun command
+``titan-moe train`` runs (``launch.build_command``: torchrun, gloo, every
+rank's output, TensorBoard on; the launcher's own pre-check is skipped to save
+its imports), the dense config and the MoE config with expert parallelism 2,
+alternating.  TITAN_MOE_STRESS_LAUNCHES sets the
 launches per config (default 20; each costs roughly 20-90 s on 2 busy cores).
 """
 
@@ -16,6 +18,7 @@ import sys
 import pytest
 
 from tests.distributed_utils import REPO, config
+from titan_moe.launch import build_command, build_env
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +37,9 @@ def test_back_to_back_launches_under_load_all_exit_0(tmp_path):
         for i in range(LAUNCHES):
             for name, args in CONFIGS.items():
                 dump = tmp_path / f"{name}_{i}"
-                cmd = [sys.executable, "-m", "titan_moe.cli", "train", *args, "--nproc", "2", "--log-all-ranks",
-                       "--job.dump_folder", str(dump), "--training.steps", "2", "--metrics.log_freq", "1"]
-                env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+                overrides = [*args[1:], "--job.dump_folder", str(dump), "--training.steps", "2"]
+                cmd = build_command(args[0], 2, overrides, log_all_ranks=True)
+                env = build_env(2, dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
                 proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
                 log = proc.stdout + proc.stderr
                 aborted = ABORT.findall(log)
