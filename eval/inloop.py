@@ -1,6 +1,10 @@
 """Eval from inside the training loop: a chosen suite every N steps.
 
-The trainer owns the schedule hook; this module gives it one call:
+Training reaches this module only through ``[eval].validator`` (default
+``eval.inloop:build_inloop_validator``), an import path the trainer resolves at
+run time: ``build_inloop_validator`` returns a torchtitan validator that runs
+in torchtitan's loop beside ``[validation]``, so titan_moe never imports eval.
+The scoring itself is one call:
 
     from eval.inloop import InLoopEval, maybe_evaluate
     scalars = maybe_evaluate(job_config.eval, step, model_parts[0], seq_len=job_config.training.seq_len)
@@ -12,12 +16,14 @@ The model is put in eval mode and restored, and MoE load counters are left
 untouched, so the bias update after the next step sees only training tokens.
 
 The `[eval]` section itself (`InLoopEval`) belongs to the run config, so it
-lives in `titan_moe.job_config`; the trainer imports this module only when a
-run asks for in-loop eval.
+lives in `titan_moe.job_config`.
 """
 
 import functools
 from pathlib import Path
+from typing import Any
+
+from torchtitan.components.validate import BaseValidator
 
 from eval.models import ModuleLogitsModel
 from eval.report import scalars
@@ -25,7 +31,7 @@ from eval.suite import SuiteConfig, run_suite
 from eval.tokenizer import TextTokenizer
 from titan_moe.job_config import InLoopEval
 
-__all__ = ["InLoopEval", "maybe_evaluate"]
+__all__ = ["InLoopEval", "InLoopEvalValidator", "build_inloop_validator", "maybe_evaluate"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -48,3 +54,26 @@ def maybe_evaluate(cfg: InLoopEval, step: int, model, *, seq_len: int, group=Non
     )
     results = run_suite(lm, tok, cfg.tasks, config=suite, group=group)
     return scalars({"tasks": results["tasks"]})
+
+
+class InLoopEvalValidator(BaseValidator):
+    """The `[eval]` suite as a torchtitan validator: scalars go to the run's metric loggers."""
+
+    def __init__(self, job_config: Any, metrics_processor: Any):
+        super().__init__(job_config)
+        self.cfg: InLoopEval = job_config.eval
+        self.metrics_processor = metrics_processor
+
+    def should_validate(self, step: int) -> bool:
+        return self.cfg.enabled() and step % self.cfg.freq == 0
+
+    def validate(self, model_parts: list, step: int) -> None:
+        job = self.job_config
+        found = maybe_evaluate(self.cfg, step, model_parts[0], seq_len=job.training.seq_len, name=job.job.description)
+        if found:
+            self.metrics_processor.logger.log(found, step)
+
+
+def build_inloop_validator(*, job_config: Any, metrics_processor: Any, **_: Any) -> InLoopEvalValidator:
+    """The factory `[eval].validator` names by default."""
+    return InLoopEvalValidator(job_config, metrics_processor)

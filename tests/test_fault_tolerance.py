@@ -5,12 +5,15 @@
   per-step loss and grad norm equals the uninterrupted run's bit for bit
   (dense; MoE with expert parallelism; a kill while an async save is in flight);
 - SIGTERM to the launcher: all ranks stop after the same step, commit a final
-  checkpoint and exit non-zero; the relaunched run continues at the next step
-  with identical losses, and TensorBoard holds exactly one point per step.
+  checkpoint and exit 75; the relaunched run continues at the next step
+  with identical losses, and TensorBoard holds exactly one point per step;
+- every one of these exits -- preempted (75), crashed (1), finished (0) --
+  goes through the orderly shutdown: no rank aborts on the way out.
 """
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +83,14 @@ def finish(proc: subprocess.Popen, dump: Path, timeout: float = 600) -> int:
         print((dump / "torchrun.log").read_text()[-3000:])
 
 
+ABORT = re.compile(r"terminate called|Fatal Python error|SIGABRT|exitcode\s*:\s*-6\b")
+
+
+def assert_no_abort(dump: Path) -> None:
+    log = (dump / "torchrun.log").read_text()
+    assert not ABORT.search(log), f"a rank aborted during teardown:\n{log[-3000:]}"
+
+
 def assert_same_run(metrics: list[dict], reference: list[dict]) -> None:
     assert [r["step"] for r in metrics] == list(range(1, STEPS + 1)), "each step logged exactly once"
     for got, want in zip(metrics, reference):
@@ -125,6 +136,9 @@ def test_sigterm_commits_a_final_checkpoint_exits_nonzero_and_resumes(reference,
     proc.send_signal(signal.SIGTERM)
     status = finish(proc, dump)
     assert status != 0
+    log = (dump / "torchrun.log").read_text()
+    assert "exiting 75" in log
+    assert_no_abort(dump)
     stopped_at = logged_steps(dump)
     assert stopped_at < STEPS
     infos = catalog.list_checkpoints(str(dump / "checkpoint"))
@@ -133,6 +147,7 @@ def test_sigterm_commits_a_final_checkpoint_exits_nonzero_and_resumes(reference,
 
     proc = launch(argv, dump)
     assert finish(proc, dump) == 0
+    assert_no_abort(dump)
     metrics = read_metrics(dump)
     assert_same_run(metrics, reference["moe_ep"])
 
@@ -141,3 +156,27 @@ def test_sigterm_commits_a_final_checkpoint_exits_nonzero_and_resumes(reference,
     points = events.Scalars("loss/lm")
     assert [p.step for p in points] == list(range(1, STEPS + 1)), "no duplicate points after resume"
     assert [p.value for p in points] == pytest.approx([r["loss/lm"] for r in metrics], rel=1e-6)
+
+
+def test_sigterm_to_every_worker_exits_75_without_abort(tmp_path):
+    """As Kubernetes does on preemption: SIGTERM to every process of the pod, the workers included."""
+    dump = tmp_path / "dense_sigterm_workers"
+    proc = launch(RUNS["dense"], dump)
+    wait_for(lambda: logged_steps(dump) >= 3, proc, "step 3")
+    for pid in workers(proc):
+        os.kill(pid, signal.SIGTERM)
+    assert finish(proc, dump) == 1  # torchrun: a worker failed
+    log = (dump / "torchrun.log").read_text()
+    # torchrun reports the worker's own status: 75 (preempted), not a crash, a kill or an abort.
+    assert re.search(r"exitcode\s*:\s*75\b", log), log[-3000:]
+    assert_no_abort(dump)
+
+
+def test_a_crash_after_the_process_group_started_exits_nonzero_without_abort(tmp_path):
+    """A run that fails inside the trainer (asked to resume a checkpoint that does not exist)."""
+    dump = tmp_path / "crash"
+    proc = launch(RUNS["dense"] + ["--checkpoint.load_step", "7"], dump)
+    assert finish(proc, dump, timeout=300) == 1
+    log = (dump / "torchrun.log").read_text()
+    assert "checkpoint.load_step 7: no loadable step-7" in log
+    assert_no_abort(dump)

@@ -107,10 +107,27 @@ def test_moe_step_stats_are_token_weighted():
     assert out["moe/layer1.set0/dropped_fraction"] == pytest.approx(0.3)
 
 
+def test_moe_metrics_reach_the_host_in_one_transfer(monkeypatch):
+    """Sums and already-global values (load imbalance) come back from one ``.tolist()``."""
+    stats = MoEStepStats()
+    stats.add_microbatch(torch.tensor(2.0), {"layers.0.moe.sets.0": _stats(1.0, 2.0, 0.5)}, torch.tensor(1.0),
+                         aux_loss_weight=0.1, z_loss_weight=0.01)
+    loads = {"layers.0.moe.sets.0": torch.tensor([1.0, 5.0, 2.0, 0.0])}
+    extra = load_metrics(loads, {}, bias_on=False)
+    transfers = []
+    real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: transfers.append("tolist") or real_tolist(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: transfers.append("item") or real_item(t))
+    out = stats.reduce(group=None, global_values=extra)
+    assert transfers == ["tolist"]
+    assert out["moe/layer0.set0/load_imbalance"] == pytest.approx(5.0 / 2.0)
+    assert out["loss/aux_balance"] == pytest.approx(0.1 * 1.0) and out["loss/lm"] == pytest.approx(2.0)
+
+
 def test_load_metrics_and_tags():
     assert set_tag("layers.12.moe.sets.3") == "layer12.set3"
     loads = {"layers.0.moe.sets.0": torch.tensor([1.0, 3.0, 2.0, 2.0])}
     biases = {"layers.0.moe.sets.0": torch.tensor([-0.1, 0.2, 0.0, -0.1])}
-    out = load_metrics(loads, biases, bias_on=True)
+    out = {k: float(v) for k, v in load_metrics(loads, biases, bias_on=True).items()}
     assert out == pytest.approx({"moe/layer0.set0/load_imbalance": 1.5, "moe/layer0.set0/bias_range": 0.3})
     assert "moe/layer0.set0/bias_range" not in load_metrics(loads, biases, bias_on=False)

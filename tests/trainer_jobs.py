@@ -10,7 +10,7 @@ import sys
 
 from titan_moe import train  # activates the CPU adapter before torchtitan is imported
 
-import torch  # noqa: E402
+from titan_moe import shutdown  # noqa: E402
 from torchtitan.tools.logging import init_logger, logger  # noqa: E402
 
 
@@ -18,6 +18,7 @@ def main(spec_path: str) -> int:
     init_logger()
     with open(spec_path) as f:
         jobs = json.load(f)
+    status = 1
     try:
         for job in jobs:
             logger.info(f"=== job {job['name']} ===")
@@ -26,8 +27,7 @@ def main(spec_path: str) -> int:
                 print(f"job {job['name']} failed with status {status}", file=sys.stderr)
                 return status
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown.destroy_process_groups(clean=status == 0)  # the trainer's own teardown order
     return 0
 
 

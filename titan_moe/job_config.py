@@ -190,6 +190,10 @@ class InLoopEval:
     batch_tokens: int = 16384
     """Tokens per forward pass (rows x padded length)."""
 
+    validator: str = "eval.inloop:build_inloop_validator"
+    """Factory of the torchtitan validator that runs the suite, as 'module:function'
+    (resolved at run time: training does not import the downstream eval package)."""
+
     def enabled(self) -> bool:
         return bool(self.tasks) and self.freq > 0
 

@@ -82,31 +82,50 @@ class MoEStepStats:
         self.add("loss/aux_balance", aux_loss_weight * aux, share)
         self.add("loss/z", z_loss_weight * z, share)
 
-    def reduce(self, group: dist.ProcessGroup | None) -> dict[str, float]:
-        """Sum every entry over ``group`` with one all-reduce (call on every rank)."""
-        if not self.sums:
+    def reduce(self, group: dist.ProcessGroup | None,
+               global_values: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Sum every entry over ``group`` and read it to the host together with ``global_values``.
+
+        One all-reduce and one ``.tolist()`` per log step for all MoE metrics
+        (call on every rank): ``global_values`` are device scalars that are
+        already the same on every rank (e.g. from the reduced expert loads) and
+        ride along in the same host transfer.
+        """
+        global_values = global_values or {}
+        if not self.sums and not global_values:
             return {}
         names = list(self.sums)
-        device = next(v.device for v in self.sums.values() if isinstance(v, torch.Tensor))
-        flat = torch.stack([torch.as_tensor(self.sums[n], device=device).float().reshape(()) for n in names])
-        if group is not None:
-            dist.all_reduce(flat, group=group)
-        values = dict(zip(names, flat.tolist()))
+        tensors = [v for v in [*self.sums.values(), *global_values.values()] if isinstance(v, torch.Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        values: dict[str, float] = {}
+        if names:
+            flat = torch.stack([torch.as_tensor(self.sums[n], device=device).float().reshape(()) for n in names])
+            if group is not None:
+                dist.all_reduce(flat, group=group)
+        else:
+            flat = torch.zeros(0, device=device)
+        extra = list(global_values)
+        if extra:
+            flat = torch.cat([flat, torch.stack([global_values[n].to(device).float().reshape(()) for n in extra])])
+        values = dict(zip(names + extra, flat.tolist()))  # the one host sync
         if "loss/aux_balance" in values:
             values["loss/aux_total"] = values["loss/aux_balance"] + values["loss/z"]
         return values
 
 
-def load_metrics(global_load: dict[str, torch.Tensor], biases: dict[str, torch.Tensor], bias_on: bool) -> dict[str, float]:
-    """Per-set load imbalance from the globally reduced loads, and the bias range."""
-    out: dict[str, float] = {}
+def load_metrics(global_load: dict[str, torch.Tensor], biases: dict[str, torch.Tensor],
+                 bias_on: bool) -> dict[str, torch.Tensor]:
+    """Per-set load imbalance from the globally reduced loads, and the bias range, as device
+    scalars (no host sync here: ``MoEStepStats.reduce`` reads them with everything else)."""
+    out: dict[str, torch.Tensor] = {}
     for name, load in global_load.items():
         load = load.float()
-        mean = load.mean().item()
-        out[f"moe/{set_tag(name)}/load_imbalance"] = load.max().item() / mean if mean > 0 else float("nan")
+        mean = load.mean()
+        out[f"moe/{set_tag(name)}/load_imbalance"] = torch.where(
+            mean > 0, load.max() / mean.clamp_min(torch.finfo(torch.float32).tiny), torch.nan)
     if bias_on:
         for name, bias in biases.items():
-            out[f"moe/{set_tag(name)}/bias_range"] = (bias.max() - bias.min()).item()
+            out[f"moe/{set_tag(name)}/bias_range"] = (bias.max() - bias.min()).detach()
     return out
 
 

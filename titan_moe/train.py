@@ -8,7 +8,9 @@ Cluster entry point (one process per GPU)::
 Locally, ``titan-moe train RUN.toml --nproc N`` wraps this (``launch.py``).
 Without torchrun it runs as a single process.
 
-``TitanMoETrainer`` is torchtitan's ``Trainer`` with three additions:
+``TitanMoETrainer`` is torchtitan's ``Trainer`` (its own ``train()`` loop, so
+every torchtitan section works, ``[profiling]`` included) with these additions
+through its hooks:
 
 - the loss adds the MoE auxiliary losses, scaled so their weight does not
   depend on the data-parallel degree or on gradient accumulation (below);
@@ -19,7 +21,11 @@ Without torchrun it runs as a single process.
 - checkpoints go through ``titan_moe.checkpoint`` (committed-marker async
   saves, local or s3, damaged ones skipped on resume), and SIGTERM stops all
   ranks after the same step with a final checkpoint and exit status
-  ``PREEMPTED_EXIT_CODE`` (75).
+  ``PREEMPTED_EXIT_CODE`` (75);
+- ``[eval]`` runs as a validator built by the factory the config names by
+  import path (titan_moe never imports the downstream eval package);
+- every exit (finished, preempted, crashed) tears down in a fixed order
+  (``shutdown.py``: why and how).
 """
 
 # The CPU adapter must run before anything imports torchtitan (see platform.py).
@@ -29,18 +35,16 @@ platform.activate()
 
 import os  # noqa: E402
 import socket  # noqa: E402
-from datetime import timedelta  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-from torchtitan.components.dataloader import DataloaderExhaustedError  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
-from torchtitan.distributed import utils as dist_utils  # noqa: E402
 from torchtitan.tools.logging import init_logger, logger  # noqa: E402
 from torchtitan.train import Trainer  # noqa: E402
 
-from titan_moe import train_spec  # noqa: E402
+from titan_moe import shutdown, train_spec  # noqa: E402
 from titan_moe.checkpoint import PREEMPTED_EXIT_CODE, CheckpointManager, PreemptionHandler  # noqa: E402
 from titan_moe.errors import ConfigError  # noqa: E402
 from titan_moe.job_config import parse_run_config  # noqa: E402
@@ -54,15 +58,35 @@ class Preempted(Exception):
 
 
 class TitanMoETrainer(Trainer):
+    """torchtitan's ``Trainer``; its ``train()`` loop runs unchanged, extended through hooks:
+
+    =============================  ===============================================
+    ``__init__``                   our CheckpointManager replaces torchtitan's;
+                                   ``[eval]`` joins the validators
+    ``load_state_dict``            resume bookkeeping: metric logs forget the
+                                   steps after the restored checkpoint
+    ``should_continue_training``   preemption, agreed at step boundaries
+    ``forward_backward_step``      LM loss + MoE auxiliary losses
+    ``train_step``                 MoE statistics on log steps
+    ``train``                      torchtitan's loop (profiling, validation,
+                                   checkpoints) + an end barrier
+    =============================  ===============================================
+    """
+
     def __init__(self, job_config: Any):
         self.step_stats = MoEStepStats()
+        self.preemption: PreemptionHandler | None = None
         super().__init__(job_config)
         self.run_args = self.model_args.args
         self._layout_independent_init(job_config)
         self.balancer = getattr(self.optimizers, "moe_balancer", None)
         self.metrics_processor.extra_metrics_fn = self.moe_metrics
         self._use_titan_checkpointer(job_config)
-        self.preemption = PreemptionHandler(job_config.checkpoint.preemption_grace_seconds)
+        self._add_inloop_eval(job_config)
+        # Its own gloo group: the agreement runs asynchronously beside training and
+        # background checkpoint saves (see checkpoint/preemption.py).
+        group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.preemption = PreemptionHandler(job_config.checkpoint.preemption_grace_seconds, group=group)
 
     def _use_titan_checkpointer(self, job_config: Any) -> None:
         """Swap torchtitan's CheckpointManager for ours (same calls, commit markers, s3)."""
@@ -73,52 +97,45 @@ class TitanMoETrainer(Trainer):
             base_folder=job_config.job.dump_folder,
         )
 
-    # -- the loop -----------------------------------------------------------------
+    def _add_inloop_eval(self, job_config: Any) -> None:
+        """``[eval]`` runs as one more validator in torchtitan's loop.
+
+        The validator is built by the factory ``[eval].validator`` names by import
+        path, so titan_moe never imports the eval package (it sits downstream).
+        """
+        if not job_config.eval.enabled():
+            return
+        factory = train_spec.import_factory(job_config.eval.validator, "eval.validator")
+        inloop = factory(job_config=job_config, metrics_processor=self.metrics_processor)
+        existing = [self.validator] if job_config.validation.enable else []
+        self.validator = train_spec.ValidatorSet([*existing, inloop])
+        job_config.validation.enable = True  # torchtitan's loop calls validators only when set
+
+    # -- hooks into torchtitan's train() -------------------------------------------
     def train(self) -> None:
-        """torchtitan's loop, with resume bookkeeping and preemption at step boundaries."""
-        job_config = self.job_config
-        if self.checkpointer.load(step=job_config.checkpoint.load_step):
-            self.metrics_processor.resume_at(self.step)
-        logger.info(f"Training starts at step {self.step + 1}")
-        data_iterator = self.batch_generator(self.dataloader)
-        while self.should_continue_training():
-            self.step += 1
-            self.gc_handler.run(self.step)
-            try:
-                self.train_step(data_iterator)
-            except DataloaderExhaustedError:
-                logger.warning("Ran out of data; last step was canceled.")
-                break
-            # Every rank asks every step, so all stop after the same step.
-            if self.preemption.should_stop(device=self.device):
-                self._checkpoint_and_stop()
-            self.checkpointer.save(self.step, last_step=self.step == job_config.training.steps)
-            if job_config.validation.enable and self.validator.should_validate(self.step):
-                self.validator.validate(self.model_parts, self.step)
-            if job_config.eval.enabled() and self.step % job_config.eval.freq == 0:
-                self._evaluate_in_loop()
-            if self.step == 1:  # first step done: compile and lazy init are behind us
-                dist_utils.set_pg_timeouts(
-                    timeout=timedelta(seconds=job_config.comm.train_timeout_seconds), parallel_dims=self.parallel_dims
-                )
+        super().train()  # torchtitan's loop, incl. maybe_enable_profiling
         # Leave together: a rank that tears down its process groups while a peer is still
-        # in its last collective aborts the peer (torchtitan hides this with a 2 s sleep).
+        # in its last collective aborts the peer.
         _barrier()
 
-    def _evaluate_in_loop(self) -> None:
-        """The run config's ``[eval]`` suite on the live (sharded) model, every rank in lock-step."""
-        # Imported here: the eval package sits downstream of training and only runs that
-        # ask for in-loop eval should depend on it.
-        from eval.inloop import maybe_evaluate
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Called when a checkpoint restores ``train_state``: logs continue after its step."""
+        super().load_state_dict(state_dict)
+        self.metrics_processor.resume_at(self.step)
 
-        scalars = maybe_evaluate(self.job_config.eval, self.step, self.model_parts[0],
-                                 seq_len=self.job_config.training.seq_len, name=self.job_config.job.description)
-        if scalars:
-            self.metrics_processor.logger.log(scalars, self.step)
+    def should_continue_training(self) -> bool:
+        """Asked by the loop before every step, on every rank: the step limit, then preemption."""
+        if not super().should_continue_training():
+            return False
+        if self.preemption is not None and self.preemption.poll():
+            self._checkpoint_and_stop()
+        return True
 
     def _checkpoint_and_stop(self) -> None:
         self.checkpointer.wait()  # an in-flight async save finishes first
-        if self.preemption.can_afford_save(self.checkpointer.last_save_seconds):
+        if self.checkpointer.last_committed_step == self.step:
+            logger.warning(f"preempted: final checkpoint at step {self.step} committed; exiting {PREEMPTED_EXIT_CODE}")
+        elif self.preemption.can_afford_save(self.checkpointer.last_save_seconds):
             self.checkpointer.save_now(self.step)
             logger.warning(f"preempted: final checkpoint at step {self.step} committed; exiting {PREEMPTED_EXIT_CODE}")
         else:
@@ -182,14 +199,17 @@ class TitanMoETrainer(Trainer):
 
     # -- metrics ------------------------------------------------------------------
     def moe_metrics(self) -> dict[str, float]:
-        """Called by the metrics processor on log steps, on every rank (collectives)."""
+        """Called by the metrics processor on log steps, on every rank (collectives).
+
+        All MoE metrics of the step cost one all-reduce and one host transfer.
+        """
         mesh = self.parallel_dims.get_optional_mesh("loss")
-        out = self.step_stats.reduce(mesh.get_group() if mesh is not None else None)
+        global_values: dict[str, torch.Tensor] = {}
         if self.balancer is not None:
             model = self.model_parts[0]
             biases = {name: stats["expert_bias"] for name, stats in model.moe_stats().items()}
-            out |= load_metrics(self.balancer.last_global_load, biases, self.run_args.moe.bias_update_rate > 0)
-        return out
+            global_values = load_metrics(self.balancer.last_global_load, biases, self.run_args.moe.bias_update_rate > 0)
+        return self.step_stats.reduce(mesh.get_group() if mesh is not None else None, global_values)
 
 
 def _barrier() -> None:
@@ -231,18 +251,23 @@ def run(argv: list[str]) -> int:
     except Preempted:
         return PREEMPTED_EXIT_CODE
     finally:
-        if trainer is not None:
-            trainer.close()  # waits for an in-flight checkpoint
+        # Steps 1-4 of the orderly shutdown (see shutdown.py), on every path.
+        shutdown.release_trainer(trainer)
+        trainer = None
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     init_logger()
+    status = 1  # stays 1 when run() raises
     try:
-        return run(sys.argv[1:] if argv is None else list(argv))
+        status = run(sys.argv[1:] if argv is None else list(argv))
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        # Step 5, last: the process groups, destroyed before interpreter teardown
+        # (root cause of the exit -6 aborts: shutdown.py).  The end barrier only on
+        # paths where every rank gets here (finished or preempted together).
+        shutdown.destroy_process_groups(clean=status in (0, PREEMPTED_EXIT_CODE))
+    return status
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@ loss                   torchtitan's summed cross-entropy; the trainer adds the M
 optimizer              torchtitan's AdamW container + a post-step hook that
                        all-reduces expert load and updates the loss-free biases
 dataloader             ``synthetic`` (toy language) or ``mds`` (``titan_moe.data``)
-validator              per-source loss on ``[data].validation_root`` (``titan_moe.data``)
+validator              per-source loss on ``[data].validation_root`` (``titan_moe.data``);
+                       the trainer adds ``[eval]``'s validator (``ValidatorSet``)
 metrics                ``titan_moe.metrics.TitanMetricsProcessor``
 =====================  ==========================================================
 """
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+import importlib
+from collections.abc import Callable, Iterator, Mapping
 from fractions import Fraction
 from typing import Any
 
@@ -25,6 +27,7 @@ from torch import nn
 from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import OptimizersContainer, build_optimizers
+from torchtitan.components.validate import BaseValidator
 from torchtitan.distributed import ParallelDims
 from torchtitan.protocols.model import BaseModelArgs
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
@@ -172,6 +175,41 @@ def build_validator(**kwargs):
     from titan_moe.data.validation import build_streaming_validator
 
     return build_streaming_validator(**kwargs)
+
+
+class ValidatorSet(BaseValidator):
+    """Several validators in torchtitan's one validator slot, each on its own schedule."""
+
+    def __init__(self, validators: list[BaseValidator]):
+        self.validators = validators
+
+    def should_validate(self, step: int) -> bool:
+        return any(v.should_validate(step) for v in self.validators)
+
+    def validate(self, model_parts: list[nn.Module], step: int) -> None:
+        for validator in self.validators:
+            if validator.should_validate(step):
+                validator.validate(model_parts, step)
+
+    def close(self) -> None:
+        for validator in self.validators:
+            if hasattr(validator, "close"):
+                validator.close()
+
+
+def import_factory(path: str, field: str) -> Callable[..., Any]:
+    """``"package.module:function"`` -> the function; a config error names ``field`` otherwise.
+
+    How downstream packages plug into training without training importing them
+    (in-loop eval: ``[eval].validator``), like ``titan-moe``'s command table.
+    """
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(field, f"{path!r} is not an import path of the form 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(field, f"cannot load {path!r}: {exc}") from exc
 
 
 def build_metrics_processor(job_config: Any, parallel_dims: ParallelDims, model_args: Any = None, tag=None):

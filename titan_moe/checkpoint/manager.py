@@ -71,6 +71,7 @@ class CheckpointManager:
         self.load_step = config.load_step
         self.write_delay = getattr(config, "fault_injection_write_delay", 0.0)
         self.last_save_seconds = 0.0
+        self.last_committed_step = -1  # every rank; the preemption path skips re-saving it
         if self.enable:
             self._validate()
         self.states: dict[str, Any] = {
@@ -188,6 +189,7 @@ class CheckpointManager:
 
     def _commit(self, step: int, path: str, seconds: float) -> None:
         self.last_save_seconds = seconds
+        self.last_committed_step = step
         if _rank() != 0:
             return
         world_size = dist.get_world_size() if dist.is_initialized() else 1
