@@ -13,13 +13,16 @@ def test_inloop_eval_logs_task_metrics_at_its_steps(tmp_path):
         pytest.skip(f"the OLMoE tokenizer copy is not at {TOKENIZER_JSON}")
     job = ["--job.config_file", config("tiny_moe"), "--training.steps", "4", "--arch.vocab_size", "50280",
            "--parallelism.expert_parallel_degree", "2", "--metrics.no-enable-tensorboard",
-           "--eval.tasks", "boolq", "--eval.freq", "2", "--eval.limit", "4",
+           "--eval.tasks", "legacy_boolq,arc_easy_rc_5shot", "--eval.freq", "2", "--eval.limit", "4",
            "--eval.data_root", str(EVAL_DATA), "--eval.tokenizer", str(TOKENIZER_JSON)]
     folders = run_trainer_jobs({"inloop": job}, nproc=2, workdir=tmp_path)
     metrics = read_metrics(folders["inloop"])
-    evaluated = {r["step"]: r for r in metrics if "eval/boolq/accuracy" in r}
+    evaluated = {r["step"]: r for r in metrics if "eval/legacy_boolq/accuracy" in r}
     assert sorted(evaluated) == [2, 4]
     for record in evaluated.values():
-        assert record["eval/boolq/accuracy_per_char"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 questions
-        assert 0.0 <= record["eval/boolq/accuracy"] <= 1.0
-        assert record["eval/boolq/ce_per_char"] > 0
+        assert record["eval/legacy_boolq/accuracy_per_char"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 questions
+        assert 0.0 <= record["eval/legacy_boolq/accuracy"] <= 1.0
+        assert record["eval/legacy_boolq/ce_per_char"] > 0
+        # OLMo-core's in-loop task, under OLMo-core's own tag: 4 questions of ARC-Easy.
+        assert record["eval/downstream/arc_easy_rc_5shot (accuracy)"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+        assert record["eval/downstream/arc_easy_rc_5shot (BPB)"] > 0

@@ -155,7 +155,8 @@ class CheckpointExtras:
 
     preemption_grace_seconds: float = 25.0
     """After SIGTERM, finish the step and write a final checkpoint only if it fits in this
-    many seconds; torchrun kills its workers 30 s after forwarding SIGTERM."""
+    many seconds; plain torchrun kills its workers 30 s after forwarding SIGTERM (on
+    Kubernetes, ``titan-moe k8s render`` sets it from the pod's grace period)."""
 
     fault_injection_write_delay: float = 0.0
     """Tests only: the background writer sleeps this long before writing each async save,

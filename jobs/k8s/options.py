@@ -223,13 +223,16 @@ class RenderOptions:
 
     @property
     def trainer_grace_s(self) -> int:
-        """``checkpoint.preemption_grace_seconds`` of the trainer: the step in flight, then one save.
+        """``checkpoint.preemption_grace_seconds`` of the trainer: two steps, then one save.
 
-        The trainer saves when more than SAVE_FACTOR x save + SAVE_SLACK_S seconds are
-        left after the step: a step of ``step_seconds`` followed by a save of
-        ``checkpoint_seconds`` fits with one second to spare.
+        The ranks agree on a stop with an all-reduce started at one step boundary and
+        read at the next (titan_moe.checkpoint.preemption), so after SIGTERM the step
+        in flight and one more step run before the save.  The trainer saves when more
+        than SAVE_FACTOR x save + SAVE_SLACK_S seconds are left then: two steps of
+        ``step_seconds`` followed by a save of ``checkpoint_seconds`` fit with one
+        second to spare.
         """
-        return self.step_seconds + math.ceil(SAVE_FACTOR * self.checkpoint_seconds + SAVE_SLACK_S) + 1
+        return 2 * self.step_seconds + math.ceil(SAVE_FACTOR * self.checkpoint_seconds + SAVE_SLACK_S) + 1
 
     @property
     def grace_period_s(self) -> int:
