@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from titan_moe.expert_parallel import apply_expert_parallel
+from titan_moe.infra.expert_parallel import apply_expert_parallel
 from titan_moe.model.args import ExpertSetArgs, MoEArgs
 from titan_moe.model.moe import ExpertSet
 

@@ -176,7 +176,7 @@ def test_rendered_trainer_flags_reach_the_trainer_config(tmp_path):
     config_path.write_text(objects["configmap.yaml"]["data"]["run.toml"])
     trainer_args[trainer_args.index("/config/run.toml")] = str(config_path)
     config = parse_run_config(trainer_args)
-    assert config.checkpoint.preemption_grace_seconds == 10 + 151 + 1 == RenderOptions(
+    assert config.checkpoint.preemption_grace_seconds == 2 * 10 + 151 + 1 == RenderOptions(
         checkpoint_seconds=100, step_seconds=10).trainer_grace_s
     assert config.data.cache_limit == f"{int(10 * 1024 * 0.9)}mb"
     assert pod["terminationGracePeriodSeconds"] == 162 + TEARDOWN_MARGIN_S
