@@ -179,7 +179,7 @@ def test_rendered_trainer_flags_reach_the_trainer_config(tmp_path):
     assert config.checkpoint.preemption_grace_seconds == 2 * 10 + 151 + 1 == RenderOptions(
         checkpoint_seconds=100, step_seconds=10).trainer_grace_s
     assert config.data.cache_limit == f"{int(10 * 1024 * 0.9)}mb"
-    assert pod["terminationGracePeriodSeconds"] == 162 + TEARDOWN_MARGIN_S
+    assert pod["terminationGracePeriodSeconds"] == 172 + TEARDOWN_MARGIN_S
 
 
 def test_exit_code_75_restarts_without_counting(tmp_path):
