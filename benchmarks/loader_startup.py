@@ -95,7 +95,11 @@ def child(root: str, mode: str, cache: str) -> None:
 
         # The stock path: streaming's Stream (deep-copied readers) and Spanner (one int64 per sample).
         store_module.streaming_dataset = StreamingDataset
-        store_module.indexed_stream_class = lambda: Stream
+        def stock_stream(*, shard_entries, **kwargs):
+            del shard_entries  # the stock Stream downloads and parses index.json itself
+            return Stream(**kwargs)
+
+        store_module.indexed_stream_class = lambda: stock_stream
     before = _rss_kb()
     start = time.perf_counter()
     config = DataConfig(root=root, local_cache=cache)
