@@ -50,7 +50,7 @@ class StreamInfo:
     max_shard_bytes: int = 0
     """The largest shard's raw + compressed size: what one download may occupy in a cache."""
     index_bytes: int = 0
-    """Size of index.json, which the cache also holds."""
+    """Size of index.json in bytes."""
     index_sha256: str = ""
     shard_entries: tuple[dict, ...] = dataclass_field(default=(), repr=False, compare=False)
     """The index's shard entries as parsed and checked here: the shard store builds its readers

@@ -304,7 +304,7 @@ def open_store(prep: PrepOutput, names: list[str], cache_dir: str, config: DataC
         # Streaming needs room for a few shards in flight (raw + compressed while
         # decompressing); below that it thrashes or fails mid-run.  Say so up front.
         biggest = max((prep.streams[n] for n in names), key=lambda s: s.max_shard_bytes)
-        need = 4 * biggest.max_shard_bytes + sum(prep.streams[n].index_bytes for n in names)
+        need = 4 * biggest.max_shard_bytes  # (the indexes are read from the prep output, not cached)
         if limit < need:
             raise ConfigError(
                 "data.cache_limit",
