@@ -155,3 +155,25 @@ def test_index_entries_share_their_column_lists(tmp_path):
     for key in ("column_names", "column_encodings", "column_sizes", "hashes"):
         assert all(e[key] is entries[0][key] for e in entries), key
     assert entries[0]["column_names"] == ["num_valid", "tokens"]
+
+
+@pytest.mark.parametrize("where, words", [
+    ("index", "has MDS index version 1, expected 2"),
+    ("shard", "stream 'a' shard 3 is 'mds' version 1, expected 'mds' version 2"),
+])
+def test_a_wrong_mds_version_is_named_before_any_shard_is_read(tmp_path, where, words):
+    """Readers are built late, so the manifest check is where a bad index must fail."""
+    from tests.mds_streams import write_prep_output
+    from titan_moe.data.manifest import read_prep_output
+    from titan_moe.errors import ConfigError
+
+    root = write_prep_output(tmp_path / "prep", {"a": 200}, shard_bytes=1 << 10)
+    path = root / "a" / "index.json"
+    index = json.loads(path.read_text())
+    if where == "index":
+        index["version"] = 1
+    else:
+        index["shards"][3]["version"] = 1
+    path.write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match=words):
+        read_prep_output(str(root), field="data.root", seq_len=32)

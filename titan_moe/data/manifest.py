@@ -179,6 +179,10 @@ def _read_stream(root: str, name: str, entry: dict, *, seq_len: int, dtype: str,
         ) from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(field, f"stream {name!r}: cannot read {index_url}: {exc}") from exc
+    if not isinstance(index, dict) or index.get("version") != 2:
+        got = index.get("version") if isinstance(index, dict) else type(index).__name__
+        raise ConfigError(field, f"stream {name!r}: {index_url} has MDS index version {got!r}, expected 2; "
+                                 "rewrite it with mosaicml-streaming's MDSWriter (or `titan-moe prep`)")
     shards = index.get("shards") or []
     if not shards:
         raise ConfigError(field, f"stream {name!r}: {index_url} lists no shards")
@@ -234,12 +238,15 @@ def _read_stream(root: str, name: str, entry: dict, *, seq_len: int, dtype: str,
     )
 
 
-_SHARED_KEYS = ("column_names", "column_encodings", "column_sizes", "hashes")
+_SHARED_KEYS = ("column_names", "column_encodings", "column_sizes", "hashes", "version", "format")
 
 
 def _check_columns(shard: dict, allowed: dict[str, tuple[str, ...]], i: int, *, name: str, seq_len: int,
                    dtype: str, field: str) -> None:
-    """Shard ``i`` of stream ``name`` stores each ``allowed`` column in an accepted encoding."""
+    """Shard ``i`` of stream ``name`` is an MDS v2 shard storing each ``allowed`` column as accepted."""
+    if shard.get("version") != 2 or shard.get("format") != "mds":
+        raise ConfigError(field, f"stream {name!r} shard {i} is {shard.get('format')!r} version "
+                                 f"{shard.get('version')!r}, expected 'mds' version 2; re-prep the stream")
     columns = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
     for column, encodings in allowed.items():
         if columns.get(column) not in encodings:
