@@ -9,9 +9,10 @@ measurement runs in a fresh process, as one rank, after its imports:
 
 * **new**: what a rank does before its first batch -- read and check the
   manifest and indexes, plan the mixture and order, open the shard store
-  (MosaicML ``StreamingDataset`` with the O(shards) ``ShardSpanner``), look
-  up the shards of the first batches;
-* **old**: the same with streaming's stock ``Spanner`` (one int64 per sample).
+  (MosaicML ``StreamingDataset`` with the O(shards) ``ShardSpanner`` and
+  shard readers built on first read), look up the shards of the first batches;
+* **old**: the same with streaming's stock ``Stream`` (downloads and parses
+  ``index.json`` again, one reader per shard) and ``Spanner`` (one int64 per sample).
 
 It prints wall time and the peak-RSS increase over the process after its
 imports (``ru_maxrss``).  The old path does not fit a small machine at full
@@ -95,7 +96,11 @@ def child(root: str, mode: str, cache: str) -> None:
 
         # The stock path: streaming's Stream (deep-copied readers) and Spanner (one int64 per sample).
         store_module.streaming_dataset = StreamingDataset
-        store_module.indexed_stream_class = lambda: Stream
+        def stock_stream(*, shard_entries, **kwargs):
+            del shard_entries  # the stock Stream downloads and parses index.json itself
+            return Stream(**kwargs)
+
+        store_module.indexed_stream_class = lambda: stock_stream
     before = _rss_kb()
     start = time.perf_counter()
     config = DataConfig(root=root, local_cache=cache)

@@ -11,13 +11,13 @@ spike on every rank at startup.  The lookup it serves needs only the shard
 boundaries: :class:`ShardSpanner` keeps the per-shard cumulative counts and
 answers with ``np.searchsorted`` (O(log shards) per lookup, 8 bytes per shard).
 
-**Shard readers.**  ``Stream.get_shards`` builds each shard's reader with
-``MDSReader.from_json``, which deep-copies the shard's JSON first: ~0.3 ms a
-shard, ~45 s at 150k shards.  :class:`IndexedStream` (a ``Stream`` subclass,
-streaming's extension point for streams) builds the same ``MDSReader`` from
-shallow copies, and reads an ``index.json`` that the shard store's local
-leader has already placed in the cache (checked against the sha256 the
-manifest check recorded), so no rank downloads it again.
+**Shard readers.**  ``Stream.get_shards`` downloads and parses ``index.json``
+and builds every shard's reader with ``MDSReader.from_json``, which deep-copies
+the shard's JSON first: ~0.3 ms a shard, ~45 s at 150k shards.
+:class:`IndexedStream` (a ``Stream`` subclass, streaming's extension point
+for streams) takes the shard entries the manifest check already parsed and
+hands streaming :class:`LazyShard` objects, which build the same
+``MDSReader`` (from shallow copies) only when a shard is first read.
 
 :func:`streaming_dataset` builds a ``StreamingDataset`` with it.  Streaming
 constructs its Spanner inside ``__init__`` and offers no hook, so the class is
@@ -30,7 +30,6 @@ Pinned to mosaicml-streaming 0.13 in ``uv.lock``.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from contextlib import contextmanager
@@ -78,6 +77,54 @@ def _reader(local: str, split: str | None, info: dict):
     )
 
 
+class LazyShard:
+    """A shard reader built on first use: what streaming's constructor asks of 150k shards is cheap.
+
+    ``StreamingDataset.__init__`` touches every shard only for ``len()``,
+    ``.samples``, ``get_max_size()`` (with a cache limit) and, through
+    :meth:`IndexedStream.set_up_local`, nothing for shards absent from the
+    cache.  Those come from the index entry; any other attribute builds the
+    ``MDSReader`` (once) and is served by it, so a shard that is read behaves
+    exactly like streaming's own reader.
+    """
+
+    __slots__ = ("samples", "_local", "_split", "_info", "_reader")
+
+    def __init__(self, local: str, split: str | None, info: dict) -> None:
+        self.samples = info["samples"]
+        self._local, self._split, self._info = local, split, info
+        self._reader = None
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def get_max_size(self) -> int:
+        """``Reader.get_max_size``: raw plus compressed bytes, from the index entry."""
+        zip_data = self._info.get("zip_data")
+        return self._info["raw_data"]["bytes"] + (zip_data["bytes"] if zip_data else 0)
+
+    def files(self) -> tuple[str, ...]:
+        """Basenames this shard may occupy in the cache."""
+        return tuple(part["basename"] for part in (self._info["raw_data"], self._info.get("zip_data")) if part)
+
+    @property
+    def reader(self):
+        if self._reader is None:
+            self._reader = _reader(self._local, self._split, self._info)
+        return self._reader
+
+    # Python looks special methods up on the type, never through __getattr__.
+    def __getitem__(self, at):
+        return self.reader[at]
+
+    def __iter__(self):
+        return iter(self.reader)
+
+    def __getattr__(self, name: str):
+        # Only attributes not defined above reach here (the reader's methods and fields).
+        return getattr(self.reader, name)
+
+
 _INDEXED_STREAM = None
 
 
@@ -89,20 +136,52 @@ def indexed_stream_class():
     from streaming import Stream
 
     class IndexedStream(Stream):
-        """A ``Stream`` whose ``index.json`` is already in ``local`` and whose readers are cheap."""
+        """A ``Stream`` over an index the loader already parsed and checked, with lazy shard readers.
+
+        ``shard_entries`` is the index's ``shards`` list (``StreamInfo.shard_entries``):
+        parsing it once per rank, in the manifest check, is the only index read.
+        """
+
+        def __init__(self, *, shard_entries, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.shard_entries = shard_entries
 
         def get_shards(self, world, allow_unsafe_types: bool):
-            filename = os.path.join(self.local, self.split or "", "index.json")
-            with open(filename, "rb") as f:
-                obj = json.loads(f.read())
-            if obj.get("version") != 2:
-                raise ValueError(f"{filename}: unsupported MDS index version {obj.get('version')}")
-            shards = []
-            for info in obj["shards"]:
-                shard = _reader(self.local, self.split, info)
-                shard.validate(allow_unsafe_types)
-                shards.append(shard)
+            shards = [LazyShard(self.local, self.split, info) for info in self.shard_entries]
+            # Streaming validates every reader; the check reads only the column encodings,
+            # so once per distinct list is enough (the manifest check made them one object).
+            checked = None
+            for shard in shards:
+                if shard._info["column_encodings"] != checked:
+                    shard.reader.validate(allow_unsafe_types)
+                    checked = shard._info["column_encodings"]
             return shards
+
+        def get_index_size(self) -> int:
+            """Cache bytes of the index: none, it is never written to the cache."""
+            return 0
+
+        def set_up_local(self, shards, cache_usage_per_shard) -> None:
+            """``Stream.set_up_local``, asking only the shards with a file in the cache.
+
+            A shard none of whose files is listed is absent (usage 0) with no
+            side effect in ``Reader.set_up_local``; the cache holds few shards
+            (``cache_limit``), so the rest cost one set lookup each.
+            """
+            local_dirname = os.path.join(self.local, self.split)
+            listing = set()
+            names = set()
+            for dirname, _, subfiles in os.walk(local_dirname):
+                for subfile in subfiles:
+                    listing.add(os.path.join(dirname, subfile))
+                    if dirname == local_dirname:
+                        names.add(subfile)
+            cache_usage_per_shard[:] = 0
+            if not names:  # a fresh cache: nothing to ask
+                return
+            for i, shard in enumerate(shards):
+                if not names.isdisjoint(shard.files()):
+                    cache_usage_per_shard[i] = shard.set_up_local(listing, self.safe_keep_zip)
 
     _INDEXED_STREAM = IndexedStream
     return IndexedStream

@@ -28,7 +28,6 @@ linger.  Before opening the streams, the node's local leader
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import queue
@@ -41,7 +40,6 @@ import torch.distributed as dist
 
 from titan_moe.data.config import DataConfig, parse_bytes
 from titan_moe.data.manifest import PrepOutput, pick_hash
-from titan_moe import storage
 from titan_moe.data.fast_streaming import indexed_stream_class, streaming_dataset
 from titan_moe.errors import ConfigError
 
@@ -177,8 +175,6 @@ class ShardStore:
                     f"cache {self.cache_dir}: removed {reaped} stale shared-memory segments and "
                     f"{tidied} leftover files of an earlier run"
                 )
-            for d, n in zip(local_dirs, self.names):
-                _place_index(prep.streams[n], d, field)
         _barrier()
         stream_class = indexed_stream_class()
         streams = [
@@ -188,6 +184,7 @@ class ShardStore:
                 download_retry=2,
                 download_timeout=download_timeout,
                 validate_hash=validate_hash,
+                shard_entries=prep.streams[n].shard_entries,
             )
             for n, d in zip(self.names, local_dirs)
         ]
@@ -275,19 +272,6 @@ class ShardStore:
             self._claim = None
 
 
-def _place_index(stream, local_dir: str, field: str) -> None:
-    """Copy the stream's index.json into its cache dir, refusing one that changed since the check."""
-    raw = storage.read_bytes(storage.join(stream.url, "index.json"))
-    if hashlib.sha256(raw).hexdigest() != stream.index_sha256:
-        raise ConfigError(field, f"stream {stream.name!r}: {stream.url}/index.json changed while the job started "
-                                 "(a prep run writing into this root?); restart the job once prep is done")
-    os.makedirs(local_dir, exist_ok=True)
-    tmp = os.path.join(local_dir, f"index.json.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(raw)
-    os.replace(tmp, os.path.join(local_dir, "index.json"))
-
-
 def _unlink_own_shared_memory(prefix: int) -> None:
     """Unlink the segments this process (the local leader) created for its dataset.
 
@@ -320,7 +304,7 @@ def open_store(prep: PrepOutput, names: list[str], cache_dir: str, config: DataC
         # Streaming needs room for a few shards in flight (raw + compressed while
         # decompressing); below that it thrashes or fails mid-run.  Say so up front.
         biggest = max((prep.streams[n] for n in names), key=lambda s: s.max_shard_bytes)
-        need = 4 * biggest.max_shard_bytes + sum(prep.streams[n].index_bytes for n in names)
+        need = 4 * biggest.max_shard_bytes  # (the indexes are read from the prep output, not cached)
         if limit < need:
             raise ConfigError(
                 "data.cache_limit",
