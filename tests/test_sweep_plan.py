@@ -189,7 +189,7 @@ def test_invalid_points_are_listed_with_reasons_and_get_no_config(tmp_path, caps
         "tiny_g2-3_s2": "top_k = (1 - g_gen) / g = (1 - 0) / 2/3 = 3/2 is not a positive integer",
         "tiny_g2-3_s4": "top_k = (1 - g_gen) / g = (1 - 0) / 2/3 = 3/2 is not a positive integer",
         "tiny_g1-64_s2": "moe.expert_sets[0].granularity: granularity 1/64 x ffn_hidden 96 = 1.500 is not an integer "
-                         "expert width; nearest valid granularities: 1/96 (hidden 1), 1/48 (hidden 2), or choose an "
+                         "expert width; nearest valid granularities: 1/12 (hidden 8), or choose an "
                          "ffn_hidden divisible by 64",
         "tiny_g1-64_s4": reasons["tiny_g1-64_s2"],
         "tiny_het-g1-2s4w1-2+g1-4s4w1-4": "FLOP shares 1/2 + 1/4 = 3/4 must sum to 1 - generalist_granularity = 1",
