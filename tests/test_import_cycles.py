@@ -1,14 +1,17 @@
-"""No import cycles between the project's modules, counting imports inside functions.
+"""No import cycles between the project's modules, counting imports inside functions
+and under ``if TYPE_CHECKING:``.
 
-An import inside a function hides a cycle from Python (the module is complete
-by the time the function runs) but not from a reader: the two modules still
-depend on each other.  The graph is built statically with ``ast`` over every
-project package, so it sees those imports too.
+An import inside a function, or one that only type checkers run, hides a cycle
+from Python (nothing executes it at import time) but not from a reader: the two
+modules still depend on each other.  The graph is built statically with ``ast``
+over every project package, so it sees those imports too.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,22 +31,11 @@ def module_files(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
 
 
 def imported_modules(node: ast.AST, module: str, is_package: bool, known: set[str]) -> set[str]:
-    """The project modules one file imports, anywhere in it (functions included).
-
-    Imports under ``if TYPE_CHECKING:`` are left out: they exist for annotations
-    only and never run, so they cannot form a runtime cycle.
-    """
+    """The project modules one file imports, anywhere in it (functions and
+    ``if TYPE_CHECKING:`` blocks included: an annotation-only import is still a
+    dependency a reader must follow)."""
     found = set()
-    type_only = {
-        id(inner)
-        for block in ast.walk(node)
-        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-        for stmt in block.body
-        for inner in ast.walk(stmt)
-    }
     for item in ast.walk(node):
-        if id(item) in type_only:
-            continue
         if isinstance(item, ast.Import):
             names = [alias.name for alias in item.names]
         elif isinstance(item, ast.ImportFrom):
@@ -111,7 +103,7 @@ def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
 
 def test_project_import_graph_is_acyclic():
     graph = import_graph(REPO, PACKAGES)
-    assert "titan_moe.infra.parallelize" in graph and "titan_moe.job_config" in graph["titan_moe.model.args"]
+    assert "titan_moe.infra.parallelize" in graph and "titan_moe.model.config" in graph["titan_moe.model.args"]
     found = [sorted(c) for c in cycles(graph)]
     assert found == [], f"import cycles (function-level imports count): {found}"
 
@@ -126,3 +118,36 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
     graph = import_graph(tmp_path, ("pkg",))
     assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.a"} and graph["pkg.c"] == {"pkg.a"}
     assert cycles(graph) == [frozenset({"pkg.a", "pkg.b"})]
+
+
+def test_a_cycle_through_a_type_checking_import_is_found(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "config.py").write_text("from pkg.setup import prepare\n")
+    (pkg / "setup.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.config import Config\n"
+    )
+    graph = import_graph(tmp_path, ("pkg",))
+    assert graph["pkg.setup"] == {"pkg.config"}
+    assert cycles(graph) == [frozenset({"pkg.config", "pkg.setup"})]
+
+
+def test_the_model_package_stands_on_its_own_config_and_the_errors():
+    """``import titan_moe.model`` loads no data layer, no run-config reader, no torchtitan."""
+    code = (
+        "import sys, titan_moe.model\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('titan_moe', 'torchtitan'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    loaded = set(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
+    outside = {m for m in loaded if not (m == "titan_moe" or m == "titan_moe.errors" or m.startswith("titan_moe.model"))}
+    assert outside == set(), f"importing titan_moe.model also loads {sorted(outside)}"
+    assert "titan_moe.model.config" in loaded
+
+
+def test_the_model_package_imports_nothing_else_statically():
+    graph = import_graph(REPO, PACKAGES)
+    model = {m for m in graph if m == "titan_moe.model" or m.startswith("titan_moe.model.")}
+    deps = set().union(*(graph[m] for m in model)) - model
+    assert deps == {"titan_moe.errors"}, f"titan_moe.model depends on {sorted(deps)}"

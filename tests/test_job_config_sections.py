@@ -11,6 +11,7 @@ from fractions import Fraction
 import pytest
 
 from titan_moe import job_config
+from titan_moe.model import config as model_config
 from titan_moe.errors import ConfigError
 from titan_moe.model.args import ExpertSetArgs, MoEArgs, TitanMoEModelArgs, parse_fraction
 
@@ -26,26 +27,26 @@ def _defaults(cls) -> dict:
 
 
 def test_model_args_are_the_sections_subclassed():
-    assert issubclass(TitanMoEModelArgs, job_config.ArchConfig)
-    assert issubclass(MoEArgs, job_config.MoEConfig)
-    assert issubclass(ExpertSetArgs, job_config.ExpertSetConfig)
+    assert issubclass(TitanMoEModelArgs, model_config.ArchConfig)
+    assert issubclass(MoEArgs, model_config.MoEConfig)
+    assert issubclass(ExpertSetArgs, model_config.ExpertSetConfig)
     # Only what the model adds: the sequence length and the typed [moe].
-    arch = {f.name for f in fields(job_config.ArchConfig)}
+    arch = {f.name for f in fields(model_config.ArchConfig)}
     assert {f.name for f in fields(TitanMoEModelArgs)} - arch == {"max_seq_len", "moe"}
-    assert {f.name for f in fields(MoEArgs)} == {f.name for f in fields(job_config.MoEConfig)}
+    assert {f.name for f in fields(MoEArgs)} == {f.name for f in fields(model_config.MoEConfig)}
 
 
 def test_defaults_agree_once_granularities_are_fractions():
     model = _defaults(TitanMoEModelArgs)
     for name in ("moe", "max_seq_len"):
         model.pop(name)
-    assert _defaults(job_config.ArchConfig) == model
-    section = _defaults(job_config.MoEConfig)
+    assert _defaults(model_config.ArchConfig) == model
+    section = _defaults(model_config.MoEConfig)
     section["generalist_granularity"] = parse_fraction(section["generalist_granularity"], "g")
     assert section == _defaults(MoEArgs)
-    assert parse_fraction(job_config.ExpertSetConfig().granularity, "g") == Fraction(1)
+    assert parse_fraction(model_config.ExpertSetConfig().granularity, "g") == Fraction(1)
     # The built args carry the section's values, not a second set of defaults.
-    args = TitanMoEModelArgs.from_config(job_config.ArchConfig(dim=64), job_config.MoEConfig(capacity_policy="megablocks"), 32)
+    args = TitanMoEModelArgs.from_config(model_config.ArchConfig(dim=64), model_config.MoEConfig(capacity_policy="megablocks"), 32)
     assert (args.dim, args.n_heads, args.max_seq_len, args.moe.capacity_policy) == (64, 4, 32, "megablocks")
 
 

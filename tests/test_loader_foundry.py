@@ -8,7 +8,7 @@ import pytest
 from tests.distributed_utils import config, read_metrics, run_trainer_jobs
 from tests.mds_streams import decode_ids, sample_tokens, write_foundry_output
 from tests.test_loader_streams import SEQ, base_job, job, read  # noqa: F401  (fixture)
-from titan_moe.data.config import check_data_config
+from titan_moe.data.setup import plan_data
 from titan_moe.data.loader import build_streaming_dataloader
 from titan_moe.errors import ConfigError
 
@@ -18,7 +18,7 @@ def test_int32_and_bytes_folders_train_as_two_sources(base_job, tmp_path):  # no
     write_foundry_output(root / "c4", 9, seq_len=SEQ, source_index=0)  # ndarray:int32
     write_foundry_output(root / "old", 3, seq_len=SEQ, source_index=1, encoding="bytes")  # int64 bytes
     cfg = job(base_job, tmp_path, root, format="llm-foundry")
-    plan = check_data_config(cfg)  # the pre-launch check understands the layout too
+    plan = plan_data(cfg).train.plan  # the pre-launch check understands the layout too
     assert [(s.name, s.samples, s.per_epoch) for s in plan.sources] == [("c4", 9, 9), ("old", 3, 3)]
     loader = build_streaming_dataloader(1, 0, None, cfg)
     batches = read(loader, 3)  # one epoch
@@ -47,9 +47,9 @@ def test_one_folder_is_one_source_and_seq_len_must_match(base_job, tmp_path):  #
 def test_a_titan_moe_root_is_not_read_as_foundry(base_job, tmp_path):  # noqa: F811
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"data.root: .* holds no index.json nor subfolders with one"):
-        check_data_config(job(base_job, tmp_path, tmp_path / "empty", format="llm-foundry"))
+        plan_data(job(base_job, tmp_path, tmp_path / "empty", format="llm-foundry"))
     with pytest.raises(ConfigError, match=r"data.format: 'mosaic' is not a format"):
-        check_data_config(job(base_job, tmp_path, tmp_path / "empty", format="mosaic"))
+        plan_data(job(base_job, tmp_path, tmp_path / "empty", format="mosaic"))
 
 
 @pytest.mark.slow

@@ -261,16 +261,36 @@ def test_a_source_added_later_only_matters_to_runs_that_read_it(base_job, tmp_pa
 
 
 def test_preflight_check_touches_nothing(base_job, tmp_path):
-    from titan_moe.data.config import check_data_config
+    from titan_moe.data.setup import plan_data
 
     root = write_prep_output(tmp_path / "mix", {"a": 5, "b": 5}, seq_len=SEQ)
     config = job(base_job, tmp_path, root, repeat={"a": 3})
-    assert [(s.name, s.per_epoch) for s in check_data_config(config).sources] == [("a", 15), ("b", 5)]
+    assert [(s.name, s.per_epoch) for s in plan_data(config).train.plan.sources] == [("a", 15), ("b", 5)]
     config.validation.enable = True
     with pytest.raises(ConfigError) as err:
-        check_data_config(config)
+        plan_data(config)
     assert err.value.field == "data.validation_root" and "[validation].enable is true" in str(err.value)
     config.data.validation_root = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="nowhere/manifest.json does not exist"):
-        check_data_config(config)
+        plan_data(config)
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_loader_reuses_the_data_plan_preflight_made(base_job, tmp_path, monkeypatch):
+    """A rank reads the manifests and indexes once: in preflight, not again in the loader."""
+    from titan_moe.data import setup
+    from titan_moe.data.setup import plan_data
+
+    root = write_prep_output(tmp_path / "mix", {"a": 5, "b": 5}, seq_len=SEQ)
+    config = job(base_job, tmp_path, root)
+    plan = plan_data(config)
+
+    def reread(*args, **kwargs):
+        raise AssertionError("the prep output was read a second time")
+
+    monkeypatch.setattr(setup, "read_prep_output", reread)
+    loader = build_streaming_dataloader(1, 0, None, config)
+    try:
+        assert loader.setup is plan.train
+    finally:
+        loader.close()

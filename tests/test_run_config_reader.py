@@ -25,7 +25,7 @@ from titan_moe.errors import ConfigError
 from titan_moe.job_config import load_run_config, parse_run_config
 from titan_moe.model.accounting import describe as describe_model
 from titan_moe.model.args import TitanMoEModelArgs
-from titan_moe.preflight import check_run
+from titan_moe.preflight import plan_run
 
 OVERRIDES = ["--moe.expert_sets.0.top_k", "2", "--moe.no-require-flop-match", "--training.steps", "5",
              "--moe.capacity_policy", "megablocks", "--job.dump_folder", "outputs/reader-test"]
@@ -162,7 +162,8 @@ def test_unset_dataset_is_mds_when_data_root_is_set(tmp_path):
     root = write_prep_output(tmp_path / "mix", {"a": 40, "b": 40}, seq_len=64)
     job = load_run_config(path, ["--data.root", str(root)])
     assert job.training.dataset == "mds"
-    args, mesh = check_run(job, world_size=2)  # reads the real manifest: it passes
+    plan = plan_run(job, world_size=2)
+    args, mesh = plan.model_args, plan.mesh  # reads the real manifest: it passes
     assert (mesh.dp, args.dim) == (2, 64)
 
 
@@ -171,7 +172,7 @@ def test_unset_dataset_without_data_root_names_the_field_and_choices(tmp_path, c
     job = load_run_config(path)
     assert job.training.dataset == ""  # never torchtitan's "c4_test"
     with pytest.raises(ConfigError) as err:
-        check_run(job, world_size=1)
+        plan_run(job, world_size=1)
     assert err.value.field == "training.dataset"
     assert "is not set; choose 'synthetic' or 'mds'" in str(err.value)
     assert launch.main([str(path), "--nproc", "1"]) == 2
@@ -182,7 +183,7 @@ def test_bad_data_root_fails_before_launch(tmp_path, capsys):
     path = _without_dataset(tmp_path)
     missing = tmp_path / "no-such-prep"
     with pytest.raises(ConfigError) as err:
-        check_run(load_run_config(path, ["--data.root", str(missing)]), world_size=1)
+        plan_run(load_run_config(path, ["--data.root", str(missing)]), world_size=1)
     assert err.value.field == "data.root" and str(missing) in str(err.value)
     # The launcher stops there, before torchrun: not even the dump folder exists.
     dump = tmp_path / "dump"

@@ -219,7 +219,7 @@ def test_replanning_keeps_finished_points_unless_their_config_changes(tmp_path):
 
 def test_mini_spec_plans_points_the_trainer_accepts_on_two_processes(tmp_path):
     from titan_moe.job_config import parse_run_config
-    from titan_moe.preflight import check_run
+    from titan_moe.preflight import plan_run
 
     out = tmp_path / "mini"
     plan = build_plan(load_spec(SPECS / "mini.yaml"), out)
@@ -228,7 +228,8 @@ def test_mini_spec_plans_points_the_trainer_accepts_on_two_processes(tmp_path):
     assert [r["kind"] for r in rows] == ["dense", "moe", "moe", "moe"] and plan.invalid == []
     for row in rows:
         job = parse_run_config(["--job.config_file", str(out / row["config"])])
-        args, mesh = check_run(job, world_size=2)
+        plan = plan_run(job, world_size=2)
+        args, mesh = plan.model_args, plan.mesh
         assert (mesh.world_size, mesh.ep) == (2, 2 if row["kind"] == "moe" else 1)
         assert args.dim <= 64 and args.n_layers == 2 and args.vocab_size == 50280
         assert job.training.seq_len == 64 and job.training.steps <= 60

@@ -9,7 +9,7 @@ from titan_moe import launch
 from titan_moe.errors import ConfigError
 from titan_moe.job_config import parse_run_config
 from titan_moe.model.args import TitanMoEModelArgs
-from titan_moe.preflight import check_run, model_args_from_config
+from titan_moe.preflight import model_args_from_config, plan_run
 from tests.distributed_utils import CONFIGS, config
 
 
@@ -42,7 +42,8 @@ def test_toml_numbers_and_cli_overrides_reach_expert_sets(tmp_path):
 
 
 def test_valid_dp2ep_mesh():
-    args, mesh = check_run(parse("tiny_moe_hetero", "--parallelism.expert_parallel_degree", "2"), world_size=2)
+    plan = plan_run(parse("tiny_moe_hetero", "--parallelism.expert_parallel_degree", "2"), world_size=2)
+    args, mesh = plan.model_args, plan.mesh
     assert (mesh.dp_shard, mesh.ep, mesh.efsdp, mesh.dp) == (2, 2, 1, 2)
     assert [s.num_experts for s in args.moe.expert_sets] == [4, 8]
 
@@ -71,11 +72,22 @@ def test_valid_dp2ep_mesh():
         ("tiny_moe", ["--model.name", "llama3"], 1, "model.name", "got 'llama3'"),
         ("tiny_moe", ["--moe.expert_sets.0.top_k", "9", "--moe.no-require-flop-match"], 1,
          "moe.expert_sets[0].top_k", "top_k 9 exceeds num_experts 8"),
+        # [checkpoint] and [profiling]: torchtitan and the checkpoint manager would only find
+        # these after the process group is up (an AssertionError on every rank).
+        ("tiny_moe", ["--checkpoint.enable", "--checkpoint.keep_latest_k", "1"], 1,
+         "checkpoint.keep_latest_k", "must be 0 (keep all) or >= 2"),
+        ("tiny_moe", ["--checkpoint.enable", "--checkpoint.interval", "0"], 1, "checkpoint.interval", "must be > 0"),
+        ("tiny_moe", ["--checkpoint.enable", "--checkpoint.load_step", "-2"], 1,
+         "checkpoint.load_step", "is -2; use -1 (the newest) or a step"),
+        ("tiny_moe", ["--profiling.enable_profiling", "--profiling.profile_freq", "2"], 1,
+         "profiling.profile_freq", "is 2, shorter than profiler_warmup 3 + profiler_active 1 = 4; use profile_freq >= 4"),
+        ("tiny_moe", ["--profiling.enable_memory_snapshot", "--profiling.profile_freq", "0"], 1,
+         "profiling.profile_freq", "profile every N >= 1 steps"),
     ],
 )
 def test_preflight_rejects_with_the_field_named(name, overrides, world, field, text):
     with pytest.raises(ConfigError) as err:
-        check_run(parse(name, *overrides), world_size=world)
+        plan_run(parse(name, *overrides), world_size=world)
     assert err.value.field == field
     assert text in str(err.value)
 
@@ -86,6 +98,34 @@ def test_launcher_rejects_before_spawning(capsys):
     assert status == 2
     err = capsys.readouterr().err
     assert "moe.expert_sets[0].num_experts: 3 experts cannot be split evenly over expert_parallel_degree 2" in err
+
+
+def test_launcher_rejects_a_bad_profiling_schedule_before_spawning(capsys, monkeypatch):
+    def no_torchrun(*args, **kwargs):
+        raise AssertionError("torchrun was started for a run config preflight must refuse")
+
+    monkeypatch.setattr(launch.subprocess, "call", no_torchrun)
+    monkeypatch.setattr(launch.subprocess, "run", no_torchrun)
+    status = launch.main([config("tiny_moe"), "--nproc", "1", "--profiling.enable_profiling",
+                          "--profiling.profile_freq", "2"])
+    assert status == 2
+    assert "profiling.profile_freq: is 2, shorter than profiler_warmup 3" in capsys.readouterr().err
+
+
+def test_a_rank_reuses_the_plan_preflight_made(monkeypatch):
+    """Model args are built once per process: torchtitan's hook gets the planned object."""
+    from titan_moe import train_spec
+
+    job = parse("tiny_moe")
+    plan = plan_run(job, world_size=1)
+
+    def rebuilt(*args, **kwargs):
+        raise AssertionError("model args were built a second time")
+
+    monkeypatch.setattr(TitanMoEModelArgs, "from_job_config", rebuilt)
+    run_args = train_spec.RunModelArgs()
+    run_args.update_from_config(job)
+    assert run_args.args is plan.model_args
 
 
 def test_launcher_rejects_missing_file(capsys, tmp_path):

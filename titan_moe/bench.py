@@ -115,12 +115,12 @@ def main(argv: list[str]) -> int:
     import torch
 
     from titan_moe.errors import ConfigError
-    from titan_moe.preflight import check_run
+    from titan_moe.preflight import plan_run
 
     gpu = torch.cuda.is_available()
     try:  # the same checks as `titan-moe train`, before two runs are started
         args, config, out, extra, run = read_command_line(argv, gpu, torch.cuda.device_count())
-        check_run(run, args.nproc)
+        plan_run(run, args.nproc)
     except ConfigError as exc:
         print(f"titan-moe bench: invalid run config: {exc}", file=sys.stderr)
         return 2

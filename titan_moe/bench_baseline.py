@@ -37,7 +37,7 @@ from titan_moe.errors import ConfigError  # noqa: E402
 from titan_moe.job_config import parse_run_config  # noqa: E402
 from titan_moe.model.args import TitanMoEModelArgs  # noqa: E402
 from titan_moe.model.transformer import use_grouped_mm_for  # noqa: E402
-from titan_moe.preflight import check_run  # noqa: E402
+from titan_moe.preflight import plan_run  # noqa: E402
 from titan_moe.train_spec import build_dataloader, build_metrics_processor  # noqa: E402
 
 BASELINE_NAME = "qwen3_moe_baseline"
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     init_logger()
     argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_run_config(argv)
-    args, _ = check_run(config, int(os.environ.get("WORLD_SIZE", "1")))
+    args = plan_run(config, int(os.environ.get("WORLD_SIZE", "1"))).model_args
     qwen3_args = qwen3_args_for(args)
     balancing = build_optimizers_with_moe_load_balancing if args.moe.bias_update_rate > 0 else build_optimizers
     register_train_spec(

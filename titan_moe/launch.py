@@ -73,11 +73,11 @@ def read_config(argv: list[str]) -> Any:
 def check(config: str, nproc: int, overrides: list[str]) -> None:
     """Raise ConfigError if the run cannot work on ``nproc`` processes."""
     from titan_moe.job_config import load_run_config
-    from titan_moe.preflight import check_run
+    from titan_moe.preflight import plan_run
 
     if nproc < 1:
         raise ConfigError("--nproc", f"must be >= 1, got {nproc}")
-    check_run(load_run_config(config, overrides), nproc)
+    plan_run(load_run_config(config, overrides), nproc)
 
 
 def main(argv: list[str]) -> int:

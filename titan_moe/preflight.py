@@ -3,10 +3,13 @@
 torchtitan 0.2.2 only discovers a bad device mesh inside ``init_process_group``
 / ``ParallelDims`` (as an ``AssertionError`` on every rank, after the
 rendezvous) and a non-divisible expert count deep inside ``distribute_tensor``.
-``check_run`` raises a ``ConfigError`` naming the field instead (also for a
-``[data]`` section whose root, manifests or mixture do not work), and is called
-by both ``titan-moe train`` (before torchrun is spawned) and
-``titan_moe.train`` (before the Trainer is built).
+``plan_run`` raises a ``ConfigError`` naming the field instead (also for a
+``[data]`` section whose root, manifests or mixture do not work, a
+``[checkpoint]`` the manager would refuse, or a ``[profiling]`` schedule
+torchtitan would assert on), and is called by both ``titan-moe train`` (before
+torchrun is spawned) and ``titan_moe.train`` (before the Trainer is built).
+It returns the ``RunPlan`` the rank's builders then reuse: model args are built
+and manifests read once per process.
 
 The mesh rules mirror ``ParallelDims._validate``/``build_mesh``: EP ranks are
 borrowed from the FSDP (and TP) dimension -- torchtitan's "dp2ep" layout -- so
@@ -117,6 +120,35 @@ def check_mesh(parallelism: Any, world_size: int, expert_counts: list[int]) -> M
     return Mesh(world_size=world_size, dp_replicate=dp_replicate, dp_shard=dp_shard, ep=ep)
 
 
+def check_checkpoint(checkpoint: Any) -> None:
+    """``[checkpoint]``: the manager's own rules (``titan_moe.checkpoint.settings``), before launch."""
+    from titan_moe.checkpoint.settings import check_checkpoint_config
+
+    check_checkpoint_config(checkpoint)
+
+
+def check_profiling(profiling: Any) -> None:
+    """``[profiling]``: torchtitan asserts these only after the process group is up
+    (``profile_freq - (warmup + active)`` becomes the profiler schedule's ``wait``)."""
+    if not (profiling.enable_profiling or profiling.enable_memory_snapshot):
+        return
+    if profiling.profile_freq < 1:
+        raise ConfigError("profiling.profile_freq", f"is {profiling.profile_freq}; profile every N >= 1 steps")
+    if not profiling.enable_profiling:
+        return
+    if profiling.profiler_active < 1:
+        raise ConfigError("profiling.profiler_active", f"is {profiling.profiler_active}; trace at least 1 step")
+    if profiling.profiler_warmup < 0:
+        raise ConfigError("profiling.profiler_warmup", f"is {profiling.profiler_warmup}; use 0 or more steps")
+    cycle = profiling.profiler_warmup + profiling.profiler_active
+    if profiling.profile_freq < cycle:
+        raise ConfigError(
+            "profiling.profile_freq",
+            f"is {profiling.profile_freq}, shorter than profiler_warmup {profiling.profiler_warmup} + "
+            f"profiler_active {profiling.profiler_active} = {cycle}; use profile_freq >= {cycle}",
+        )
+
+
 def check_batch(training: Any, mesh: Mesh) -> None:
     if training.local_batch_size < 1:
         raise ConfigError("training.local_batch_size", f"must be >= 1, got {training.local_batch_size}")
@@ -130,8 +162,28 @@ def check_batch(training: Any, mesh: Mesh) -> None:
         )
 
 
-def check_run(job_config: Any, world_size: int, *, read_data: bool = True) -> tuple[TitanMoEModelArgs, Mesh]:
-    """Everything that can be known wrong before ``init_process_group``.
+@dataclass(frozen=True)
+class RunPlan:
+    """A run config planned once per process: what every builder after preflight reuses.
+
+    The launcher plans once (before torchrun starts), each rank plans once (before
+    ``init_process_group``); torchtitan's model-args hook and the data builders then
+    read this plan from the run config instead of re-deriving it (``plan_run``
+    attaches it as ``job_config.run_plan``, and ``[data]``'s part as
+    ``job_config.data_plan``, see ``titan_moe.data.setup``).
+    """
+
+    model_args: TitanMoEModelArgs
+    mesh: Mesh
+    data: Any = None
+    """``titan_moe.data.setup.DataPlan`` of an ``mds`` run whose manifests were read; else None."""
+
+
+RUN_PLAN_ATTRIBUTE = "run_plan"
+
+
+def plan_run(job_config: Any, world_size: int, *, read_data: bool = True) -> RunPlan:
+    """Everything that can be known wrong before ``init_process_group``, planned once.
 
     ``read_data = False`` skips reading the ``[data]`` manifests (the Kubernetes renderer
     checks a run on a machine that may not reach the cluster's object store).
@@ -142,14 +194,25 @@ def check_run(job_config: Any, world_size: int, *, read_data: bool = True) -> tu
     counts = [s.num_experts for s in args.moe.expert_sets] if args.moe.enabled else []
     mesh = check_mesh(job_config.parallelism, world_size, counts)
     check_batch(job_config.training, mesh)
-    check_dataset(job_config, read_data=read_data)
-    return args, mesh
+    check_checkpoint(job_config.checkpoint)
+    check_profiling(job_config.profiling)
+    data = check_dataset(job_config, read_data=read_data)
+    plan = RunPlan(model_args=args, mesh=mesh, data=data)
+    setattr(job_config, RUN_PLAN_ATTRIBUTE, plan)
+    return plan
 
 
-def check_dataset(job_config: Any, *, read_data: bool = True) -> None:
+def planned_model_args(job_config: Any) -> TitanMoEModelArgs:
+    """The model args ``plan_run`` attached to this run config, or freshly built ones."""
+    plan = getattr(job_config, RUN_PLAN_ATTRIBUTE, None)
+    return plan.model_args if plan is not None else model_args_from_config(job_config)
+
+
+def check_dataset(job_config: Any, *, read_data: bool = True) -> Any:
     """``training.dataset`` is one titan-moe trains on; ``mds`` checks ``[data]`` against its manifests.
 
     The reader already turned an unset dataset into ``mds`` when ``[data].root`` is set.
+    Returns the ``DataPlan`` when the manifests were read, else None.
     """
     dataset = job_config.training.dataset
     choices = " or ".join(repr(d) for d in DATASETS)
@@ -157,12 +220,13 @@ def check_dataset(job_config: Any, *, read_data: bool = True) -> None:
         raise ConfigError("training.dataset", f"is not set; choose {choices} (or set [data].root, which implies 'mds')")
     if dataset not in DATASETS:
         raise ConfigError("training.dataset", f"unknown dataset {dataset!r}; use {choices}")
-    if dataset == "mds":
-        job_config.data.check()
-        if not read_data:
-            return
-        # Imported on use: the loader pulls in MosaicML streaming, which synthetic runs,
-        # describe and the k8s renderer do not need.
-        from titan_moe.data.config import check_data_config
+    if dataset != "mds":
+        return None
+    job_config.data.check()
+    if not read_data:
+        return None
+    # Imported on use: the loader pulls in MosaicML streaming, which synthetic runs,
+    # describe and the k8s renderer do not need.
+    from titan_moe.data.setup import plan_data
 
-        check_data_config(job_config)
+    return plan_data(job_config)

@@ -33,6 +33,8 @@ from titan_moe.infra import platform
 
 platform.activate()
 
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -50,7 +52,7 @@ from titan_moe.errors import ConfigError  # noqa: E402
 from titan_moe.job_config import parse_run_config  # noqa: E402
 from titan_moe.metrics import MoEStepStats, load_metrics  # noqa: E402
 from titan_moe.model.transformer import Transformer  # noqa: E402
-from titan_moe.preflight import check_run  # noqa: E402
+from titan_moe.preflight import plan_run  # noqa: E402
 
 
 class Preempted(Exception):
@@ -76,7 +78,11 @@ class TitanMoETrainer(Trainer):
     def __init__(self, job_config: Any):
         self.step_stats = MoEStepStats()
         self.preemption: PreemptionHandler | None = None
-        super().__init__(job_config)
+        # torchtitan would build its own CheckpointManager -- in async mode with a gloo group
+        # every rank must join -- only for it to be replaced by ours: it sees [checkpoint]
+        # disabled, ours acts on the real section (_use_titan_checkpointer).
+        super().__init__(_checkpointing_off(job_config))
+        self.job_config = job_config
         self.run_args = self.model_args.args
         self._layout_independent_init(job_config)
         self.balancer = getattr(self.optimizers, "moe_balancer", None)
@@ -212,6 +218,14 @@ class TitanMoETrainer(Trainer):
         return self.step_stats.reduce(mesh.get_group() if mesh is not None else None, global_values)
 
 
+def _checkpointing_off(job_config: Any) -> Any:
+    """A shallow copy of the run config whose ``[checkpoint]`` is disabled (the plan attached
+    to the config travels with the copy; every other section is shared)."""
+    view = copy.copy(job_config)
+    view.checkpoint = dataclasses.replace(job_config.checkpoint, enable=False)
+    return view
+
+
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -232,7 +246,7 @@ def run(argv: list[str]) -> int:
     _single_process_env()
     try:
         config = parse_run_config(argv)
-        args, mesh = check_run(config, int(os.environ["WORLD_SIZE"]))
+        mesh = plan_run(config, int(os.environ["WORLD_SIZE"])).mesh
     except ConfigError as exc:
         # Before init_process_group: every rank prints the same message and exits.
         print(f"titan_moe.train: invalid run config: {exc}", file=sys.stderr)

@@ -36,11 +36,11 @@ from titan_moe.data.synthetic import SyntheticDataLoader
 from titan_moe.errors import ConfigError
 from titan_moe.metrics import TitanMetricsProcessor
 from titan_moe.model.accounting import count_parameters, flops_per_token
-from titan_moe.model.args import TitanMoEModelArgs
 from titan_moe.model.moe import expert_sets, update_expert_biases
 from titan_moe.model.transformer import Transformer
 from titan_moe.infra.parallelize import parallelize_titan_moe
 from titan_moe.job_config import MODEL_NAME
+from titan_moe.preflight import planned_model_args
 
 
 def _json_safe(value: Any) -> Any:
@@ -70,7 +70,8 @@ class RunModelArgs(BaseModelArgs):
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def update_from_config(self, job_config: Any, **kwargs) -> None:
-        self.args = TitanMoEModelArgs.from_job_config(job_config)
+        # The rank's preflight already built and validated them (titan_moe.preflight.RunPlan).
+        self.args = planned_model_args(job_config)
         self.summary = _json_safe(dataclasses.asdict(self.args))
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:

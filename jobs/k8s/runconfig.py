@@ -3,7 +3,7 @@
 A config that renders must be a config that starts: the renderer parses the
 TOML and its overrides with the trainer's own reader
 (``titan_moe.job_config.load_run_config``) and runs the trainer's preflight
-(``titan_moe.preflight.check_run``: model design point, device mesh, batch,
+(``titan_moe.preflight.plan_run``: model design point, device mesh, batch,
 ``[data]`` settings) for the cluster's world size ``nodes x gpus_per_node``.
 So a mesh that does not tile the cluster fails at render time, not after N
 nodes were scheduled and rendezvoused.  The data manifests are not read: the
@@ -82,7 +82,7 @@ def check_run_config(path: str | Path, nodes: int, gpus_per_node: int,
 
     # Imported here: it pulls in torch/torchtitan, which `--help` should not pay for.
     from titan_moe.job_config import load_run_config
-    from titan_moe.preflight import check_run
+    from titan_moe.preflight import plan_run
 
     try:
         job_config = load_run_config(path, overrides)
@@ -90,7 +90,7 @@ def check_run_config(path: str | Path, nodes: int, gpus_per_node: int,
         raise ConfigError("RUN.toml", f"{path} does not parse as a run config: {exc}") from None
     world = nodes * gpus_per_node
     try:
-        _, mesh = check_run(job_config, world, read_data=False)
+        mesh = plan_run(job_config, world, read_data=False).mesh
     except ConfigError as exc:
         if not _SHAPE_FIELDS.match(exc.field):
             raise ConfigError(exc.field, f"{str(exc).removeprefix(f'{exc.field}: ')} (in {path})") from None

@@ -34,12 +34,11 @@ from torchtitan.components.checkpoint import ModelWrapper
 from titan_moe import storage
 from titan_moe.checkpoint import catalog
 from titan_moe.checkpoint.rng import RNGState
-from titan_moe.errors import ConfigError
+from titan_moe.checkpoint.settings import check_checkpoint_config
 
 logger = logging.getLogger(__name__)
 
 MODEL, RNG = "model", "rng"
-ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 
 
 class CheckpointLoadError(RuntimeError):
@@ -72,8 +71,7 @@ class CheckpointManager:
         self.write_delay = getattr(config, "fault_injection_write_delay", 0.0)
         self.last_save_seconds = 0.0
         self.last_committed_step = -1  # every rank; the preemption path skips re-saving it
-        if self.enable:
-            self._validate()
+        check_checkpoint_config(config, cuda_available=torch.cuda.is_available())
         self.states: dict[str, Any] = {
             MODEL: ModelWrapper(model_parts),
             "optimizer": optimizers,
@@ -89,19 +87,6 @@ class CheckpointManager:
         self._in_flight: tuple[int, Future, threading.Event] | None = None
         self._staging: Future | None = None
         self._stager = None
-
-    def _validate(self) -> None:
-        if self.async_mode not in ASYNC_MODES:
-            raise ConfigError("checkpoint.async_mode", f"unknown {self.async_mode!r}; choose one of {', '.join(ASYNC_MODES)}")
-        if self.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
-            raise ConfigError("checkpoint.async_mode", "async_with_pinned_mem needs a GPU; use 'async' on CPU")
-        if self.keep_latest_k == 1:
-            raise ConfigError(
-                "checkpoint.keep_latest_k",
-                "must be 0 (keep all) or >= 2: a job that dies mid-save needs the previous checkpoint",
-            )
-        if self.interval <= 0:
-            raise ConfigError("checkpoint.interval", f"must be > 0, got {self.interval}")
 
     # -- saving -------------------------------------------------------------------
     def save(self, curr_step: int, last_step: bool = False) -> None:

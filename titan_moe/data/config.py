@@ -71,8 +71,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from titan_moe.data.mixture import MixturePlan
-from titan_moe.data.setup import check_validation_root, prepare
 from titan_moe.errors import ConfigError
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}
@@ -191,16 +189,3 @@ def _check_number(field_name: str, value: object) -> None:
         raise ConfigError(field_name, f"{value!r} is not a number")
     if not math.isfinite(float(value)) or float(value) < 0:
         raise ConfigError(field_name, f"is {value}; it must be a finite number >= 0")
-
-
-def check_data_config(job_config: Any) -> MixturePlan:
-    """Every ``[data]`` check that needs only the manifests and indexes; for preflight.
-
-    Runs before ``init_process_group`` (no cache, no shared memory, no shard
-    read) and raises the same ConfigErrors the builders would, naming the
-    field and the stream.  Returns the training mixture plan (for logging).
-    """
-    setup = prepare(job_config.data, job_config.training.seq_len, job_config.job.dump_folder)
-    if getattr(job_config.validation, "enable", False):
-        check_validation_root(job_config)
-    return setup.plan

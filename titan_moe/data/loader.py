@@ -27,7 +27,7 @@ from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.components.loss import IGNORE_INDEX
 
 from titan_moe.data.config import DataConfig
-from titan_moe.data.setup import StreamSetup, prepare
+from titan_moe.data.setup import StreamSetup, planned_data
 from titan_moe.data.store import ShardStore, open_store
 from titan_moe.errors import ConfigError
 
@@ -160,7 +160,7 @@ def build_streaming_dataloader(dp_world_size: int, dp_rank: int, tokenizer: Any,
     """
     del tokenizer
     config: DataConfig = job_config.data
-    setup = prepare(config, job_config.training.seq_len, job_config.job.dump_folder)
+    setup = planned_data(job_config).train
     for line in setup.plan.describe():
         logger.info(f"data: {line}")
     store = open_store(setup.prep, [s.name for s in setup.plan.sources], setup.cache_dir, config)

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from titan_moe.data.config import DataConfig
 from titan_moe.data.manifest import StreamInfo
 from titan_moe.errors import ConfigError
 
-if TYPE_CHECKING:  # config.py imports this module (check_data_config)
-    from titan_moe.data.config import DataConfig
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """From ``[data]`` and the prep output to a planned sample order, before any cache is touched.
 
 Shared by the training loader, the validator and the pre-launch check
-(``titan_moe.data.config.check_data_config``): everything here reads only
+(``plan_data``): everything here reads only
 manifests and indexes (no shard, no shared memory, no process group).
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from titan_moe.data.config import DataConfig
 from titan_moe.data.foundry import FORMAT_NAME as FOUNDRY
 from titan_moe.data.foundry import read_foundry_output
 from titan_moe.data.manifest import PrepOutput, read_prep_output
@@ -19,8 +20,6 @@ from titan_moe.data.mixture import MixturePlan, plan_mixture
 from titan_moe.data.order import SampleOrder
 from titan_moe.errors import ConfigError
 
-if TYPE_CHECKING:  # config.py imports this module (check_data_config)
-    from titan_moe.data.config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -88,3 +87,38 @@ def check_validation_root(job_config: Any) -> PrepOutput:
     reader = read_foundry_output if config.format == FOUNDRY else read_prep_output
     return reader(config.validation_root, field="data.validation_root",
                             seq_len=job_config.training.seq_len)
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """``[data]`` planned once per process: the training streams and, when validation is on,
+    the checked validation prep output.  Preflight builds it (``plan_data``) and the loader and
+    the validator reuse it, so a rank reads each manifest and index once."""
+
+    train: StreamSetup
+    validation: PrepOutput | None
+
+
+DATA_PLAN_ATTRIBUTE = "data_plan"
+"""The attribute of a parsed run config that carries its ``DataPlan`` (set by ``plan_data``)."""
+
+
+def plan_data(job_config: Any) -> DataPlan:
+    """Every ``[data]`` check that needs only the manifests and indexes; for preflight.
+
+    Runs before ``init_process_group`` (no cache, no shared memory, no shard
+    read) and raises the ConfigErrors the builders would, naming the field and
+    the stream.  The plan is attached to ``job_config`` (``DATA_PLAN_ATTRIBUTE``)
+    for the builders that run later in the same process.
+    """
+    train = prepare(job_config.data, job_config.training.seq_len, job_config.job.dump_folder)
+    validation = check_validation_root(job_config) if getattr(job_config.validation, "enable", False) else None
+    plan = DataPlan(train, validation)
+    setattr(job_config, DATA_PLAN_ATTRIBUTE, plan)
+    return plan
+
+
+def planned_data(job_config: Any) -> DataPlan:
+    """The plan preflight attached to this run config, or a fresh one (a builder called alone)."""
+    plan = getattr(job_config, DATA_PLAN_ATTRIBUTE, None)
+    return plan if plan is not None else plan_data(job_config)

@@ -29,7 +29,7 @@ from torchtitan.components.validate import BaseValidator
 
 from titan_moe.data.config import DataConfig
 from titan_moe.data.loader import make_batch
-from titan_moe.data.setup import check_validation_root, resolve_cache_root
+from titan_moe.data.setup import check_validation_root, planned_data, resolve_cache_root
 from titan_moe.data.store import ShardStore, open_store
 from titan_moe.errors import ConfigError
 
@@ -83,7 +83,7 @@ def build_validation_loaders(dp_world_size: int, dp_rank: int, job_config: Any,
                              **_: Any) -> dict[str, SourceValidationLoader]:
     """Per-source validation loaders over ``[data].validation_root`` (all ranks must call it)."""
     config: DataConfig = job_config.data
-    prep = check_validation_root(job_config)
+    prep = planned_data(job_config).validation or check_validation_root(job_config)
     names = sorted(prep.streams)
     cache_dir = f"{resolve_cache_root(config, job_config.job.dump_folder)}/{prep.digest[:16]}/validation"
     store = open_store(prep, names, cache_dir, config)

@@ -7,7 +7,7 @@ several sets whose outputs add, plus an always-active *generalist* expert of
 granularity ``g_gen``.  A design is FLOP-matched with the dense model when
 ``sum_i k_i * g_i + g_gen == 1``.
 
-The run config's section dataclasses (``titan_moe.job_config.ArchConfig``,
+The run config's section dataclasses (``titan_moe.model.config.ArchConfig``,
 ``MoEConfig``, ``ExpertSetConfig``) hold every field and default; the classes
 here subclass them, only reading granularities into exact fractions and adding
 ``[training].seq_len``.  Everything is validated here, before any process group
@@ -22,7 +22,7 @@ from fractions import Fraction
 from typing import Any
 
 from titan_moe.errors import ConfigError
-from titan_moe.job_config import EXPERT_SET_REQUIRED, ArchConfig, ExpertSetConfig, MoEConfig, section_from_dict
+from titan_moe.model.config import EXPERT_SET_REQUIRED, ArchConfig, ExpertSetConfig, MoEConfig, section_from_dict
 
 VOCAB_PAD_MULTIPLE = 128
 ROUTING_MODES = ("dropless", "capacity")
