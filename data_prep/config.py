@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from titan_moe.errors import ConfigError
 from titan_moe.storage import RetryPolicy
+from titan_moe.units import parse_bytes
 
 # The OLMoE tokenizer on the Hugging Face hub.  Tests pass the copy in
 # ../shared/data/tokenizers/ instead, because the hub is not reachable there.
@@ -15,20 +16,6 @@ DEFAULT_SEQ_LEN = 4096
 # 64 MiB of uncompressed samples per shard: MosaicML's default, a few seconds
 # of download per shard and few enough objects for a multi-TB source.
 DEFAULT_SHARD_SIZE = "64mb"
-
-
-SIZE_UNITS = {"kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
-
-
-def parse_size(value: int | str) -> int:
-    """``"64mb"`` -> 67108864: binary units, spelled as MosaicML spells shard sizes."""
-    if isinstance(value, int):
-        return value
-    text = value.strip().lower()
-    for suffix, unit in SIZE_UNITS.items():
-        if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * unit)
-    return int(text.removesuffix("b"))
 
 
 @dataclass(frozen=True)
@@ -88,10 +75,7 @@ class PrepConfig:
             raise ConfigError("--seq-len", f"must be at least 2, got {self.seq_len}")
         if self.workers < 1:
             raise ConfigError("--workers", f"must be at least 1, got {self.workers}")
-        try:
-            shard_bytes = parse_size(self.shard_size)
-        except ValueError:
-            raise ConfigError("--shard-size", f"{self.shard_size!r} is not a size; write e.g. 64mb, 512kb or 1048576") from None
+        shard_bytes = parse_bytes(self.shard_size, "--shard-size")
         # One sequence (4 bytes per id at most) plus the shard header (~1 KiB of
         # config JSON) must fit in a shard.
         minimum = 4 * self.seq_len + 8 + 1024
@@ -101,11 +85,8 @@ class PrepConfig:
         i, n = self.shard
         if n < 1 or not 0 <= i < n:
             raise ConfigError("--shard", f"{i}/{n}: need 0 <= I < N")
-        try:
-            if parse_size(self.group_size) < 1:
-                raise ValueError
-        except ValueError:
-            raise ConfigError("--group-size", f"{self.group_size!r} is not a positive size; write e.g. 1gb") from None
+        if parse_bytes(self.group_size, "--group-size") < 1:
+            raise ConfigError("--group-size", f"{self.group_size!r} is not a positive size; write e.g. 1gb")
         if self.retry.retries < 0 or self.retry.backoff_s < 0:
             raise ConfigError("--retries", "retries and backoff must be non-negative")
         if self.sources is not None:

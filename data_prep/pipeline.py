@@ -48,7 +48,8 @@ from typing import Callable
 
 import numpy as np
 
-from data_prep.config import PrepConfig, parse_size
+from data_prep.config import PrepConfig
+from titan_moe.units import parse_bytes
 from data_prep.finalize import RECORD_FORMAT, EmptySources, Finalizer, IncompleteRun, empty_message, read_json
 from data_prep.groups import FileGroup, assign, make_groups
 from data_prep.progress import Progress
@@ -117,7 +118,7 @@ class _Run:
             self.report.temp_files_removed += len(remove_dead_temp_files(root))
         in_fs, in_root = filesystem(cfg.input_root, retries=cfg.retry.attempts)
         self.files = discover(in_fs, in_root, cfg.sources)
-        self.group_bytes = parse_size(cfg.group_size)
+        self.group_bytes = parse_bytes(cfg.group_size, "--group-size")
         self.groups = {s: make_groups(s, files, self.group_bytes) for s, files in self.files.items()}
         # Local, and for a local output on its filesystem: publishing a shard is a rename.
         self.finalizer = Finalizer(out=self.out, work=self.work, staging_root=self.tokens.path("_staging"),

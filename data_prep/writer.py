@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from data_prep.config import parse_size
+from titan_moe.units import parse_bytes
 from data_prep.mds import MDSShardWriter
 from titan_moe.data.contract import columns
 from titan_moe.storage import TMP_MARK, StorageError, Store
@@ -87,7 +87,7 @@ class _Shards:
             out.put_file(os.path.join(self.staging, basename), f"{source}/{basename}", move=True)
 
         self.writer = MDSShardWriter(self.staging, columns=columns(dtype, seq_len),
-                                     size_limit=parse_size(shard_size), publish=publish, prefix=prefix)
+                                     size_limit=parse_bytes(shard_size, "--shard-size"), publish=publish, prefix=prefix)
         self.full_valid = np.int32(seq_len).tobytes()
 
     def write(self, seq: np.ndarray, num_valid: bytes | None = None) -> None:

@@ -88,7 +88,7 @@ def test_resources_are_sized_per_gpu_and_can_be_set(tmp_path):
 
 
 def test_data_cache_limit_follows_the_emptydir(tmp_path):
-    from titan_moe.data.config import parse_bytes
+    from titan_moe.units import parse_bytes
 
     for size, expected_bytes in (("100Gi", 100 * 2**30), ("500G", 500 * 10**9)):
         options = RenderOptions(data_cache_size=size)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from titan_moe.data.config import DataConfig, parse_bytes
+from titan_moe.data.config import DataConfig
 from titan_moe.data.manifest import StreamInfo
 from titan_moe.data.mixture import MixturePlan, SourcePlan, apportion, plan_mixture
 from titan_moe.data.order import SampleOrder
 from titan_moe.errors import ConfigError
+from titan_moe.units import parse_bytes
 
 
 def stream(name: str, shards: list[int]) -> StreamInfo:
@@ -78,6 +79,10 @@ def test_parse_bytes():
     assert parse_bytes("200gb", "f") == 200 << 30
     assert parse_bytes("1.5 MB", "f") == 3 << 19
     assert parse_bytes("4096", "f") == 4096
+    assert parse_bytes("64mb", "f") == 64 << 20 and parse_bytes(1048576, "f") == 1048576  # prep's shard sizes
+    with pytest.raises(ConfigError) as err:
+        parse_bytes("lots", "--shard-size")
+    assert err.value.field == "--shard-size" and "'lots' is not a size" in str(err.value)
 
 
 @pytest.mark.parametrize("data", [{}, {"mixture": {"a": 0.2, "b": 0.3, "c": 0.5}}, {"repeat": {"a": 3, "c": 2}},

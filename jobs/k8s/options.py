@@ -245,7 +245,7 @@ class RenderOptions:
 
     @property
     def data_cache_limit(self) -> str:
-        """``data.cache_limit`` for the trainer, in the units titan_moe.data.config.parse_bytes reads."""
+        """``data.cache_limit`` for the trainer, in the units titan_moe.units.parse_bytes reads."""
         return f"{int(quantity(self.data_cache_size) * CACHE_LIMIT_FRACTION) // 2**20}mb"
 
     @property

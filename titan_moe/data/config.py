@@ -67,22 +67,11 @@ build nested sections, which string annotations would defeat.
 """
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from titan_moe.errors import ConfigError
-
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}
-
-
-def parse_bytes(text: str, field_name: str) -> int:
-    """``"200gb"`` -> bytes (binary units: kb = 1024 B).  Names the field on error."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?b?)\s*", str(text).lower())
-    if not match:
-        raise ConfigError(field_name, f"{text!r} is not a size; write e.g. \"500mb\" or \"200gb\"")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-
+from titan_moe.units import parse_bytes
 
 @dataclass
 class DataConfig:
