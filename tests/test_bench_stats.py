@@ -61,7 +61,7 @@ def test_too_few_repeats_give_no_verdict_even_when_all_clear_the_target():
     assert summary.low == pytest.approx(1.5)
     assert summary.interval.coverage == pytest.approx(0.75)
     assert verdict(summary.interval, 1.1) == "inconclusive"
-    assert "3 repeats are too few for a 90% interval (need >= 5)" in describe_verdict(summary, 1.1)
+    assert "3 repeats are too few for a 90% interval, need >= 5" in describe_verdict(summary, 1.1)
 
 
 def test_bad_pairs_are_refused():

@@ -157,7 +157,8 @@ def describe_verdict(ratio: RatioSummary, target: float, what: str = "ratio") ->
     elif v == "slower":
         why = f"the whole interval is < {target:g}x"
     elif ratio.interval.coverage < MIN_COVERAGE:
-        why = f"{ratio.interval.n} repeats are too few for a {MIN_COVERAGE:.0%} interval (need >= {MIN_REPEATS_FOR_VERDICT})"
+        why = (f"{ratio.interval.n} repeats are too few for a {MIN_COVERAGE:.0%} interval, "
+               f"need >= {MIN_REPEATS_FOR_VERDICT}")
     else:
         why = f"the interval straddles {target:g}x"
     return f"{what} {describe_interval(ratio.interval)}; verdict vs {target:g}x: {v} ({why})"

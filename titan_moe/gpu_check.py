@@ -234,7 +234,7 @@ def bench_meets_targets(summary: dict) -> bool:
 
 
 def stage_bench(smoke: bool, workdir: Path) -> dict:
-    """``titan-moe bench``, interleaved repeats; on the GPU it passes only when the whole interval clears the targets."""
+    """``titan-moe bench``, interleaved repeats; on the GPU it passes only when each interval clears its target."""
     from titan_moe import bench
 
     if smoke:  # a few short runs: proves interleaving and the summary end to end, not the speed
