@@ -62,7 +62,7 @@ STAGES = [
     Stage("host_syncs", "host syncs per MoE layer fwd+bwd", 45, 240),
     Stage("train_compiled", "trainer steps, compile + bf16: loss falls", 120, 600),
     # 2 x BENCH_REPEATS fresh processes, each starting, compiling (cached after the first) and training.
-    Stage("bench", "titan-moe bench vs torchtitan's MoE, interleaved repeats", 1200, 900),
+    Stage("bench", "titan-moe bench vs torchtitan's MoE, interleaved repeats", 1200, 1200),
 ]
 
 # OLMoE-1B-7B's expert shape and one 4096-token sequence; toy shapes for --smoke.
@@ -238,8 +238,8 @@ def stage_bench(smoke: bool, workdir: Path) -> dict:
     from titan_moe import bench
 
     if smoke:  # a few short runs: proves interleaving and the summary end to end, not the speed
-        config, steps, repeats = "bench_cpu_small", 4, 2
-        extra, note = ["--arch.n_layers", "2"], "CPU smoke: 2 layers, no targets"
+        config, steps, repeats = "bench_cpu_small", 3, 2
+        extra, note = ["--arch.n_layers", "1"], "CPU smoke: 1 layer, 1 timed step per run, no targets"
     else:
         config, steps, repeats = "bench_olmoe_1b7b", 8, BENCH_REPEATS
         extra = ["--arch.n_layers", str(BENCH_LAYERS_ONE_GPU)]
