@@ -137,6 +137,7 @@ def side_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     ours, base = result["titan_moe"], result["baseline"]
+    # The last column divides the two medians; the verdict uses the median of the per-pair ratios.
     lines = [f"{'median over repeats':<22}{'titan_moe':>14}{'torchtitan qwen3':>18}{'ratio':>9}"]
     for label in METRICS:
         ratio = ours[label] / base[label] if base[label] else float("nan")
@@ -146,7 +147,7 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{ours['peak memory GiB'] / base['peak memory GiB']:>9.3f}")
     lines.append(f"{'final loss':<22}{ours['final loss']:>14.4f}{base['final loss']:>18.4f}")
     ratios = ", ".join(f"{r:.3f}" for r in result["ratios"])
-    lines.append(f"per-repeat tokens/s ratios: {ratios}")
+    lines.append(f"per-repeat tokens/s ratios (each repeat's pair): {ratios}")
     lines.append(result["verdict_line"])
     return "\n".join(lines)
 
