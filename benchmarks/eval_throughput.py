@@ -18,7 +18,9 @@ The baseline is a plain forward pass over exactly the real (unpadded) input
 tokens the scorer fed the model, packed densely into full rows of the
 context length, in batches of the same token budget: no padding, no
 log-softmax, no bookkeeping.  `ratio = scorer throughput / baseline
-throughput` (1.0 = no waste); the padded-token share shows how much of the
+throughput` (1.0 = no waste), per repeat with the two sides alternating;
+printed as the median over ``--repeats`` with its interval
+(``titan_moe.bench_stats``).  The padded-token share shows how much of the
 gap is padding.  Without --hf-model/--config a random Llama of
 --hidden/--layers is generated.  Timings on a shared machine are noisy.
 """
@@ -28,11 +30,14 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from titan_moe import bench_stats
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO / ".." / "shared" / "data"
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--questions", type=int, default=40, help="per downstream task (5-shot contexts fill the window)")
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="runs of each side, alternating")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype) if args.dtype else None
 
@@ -136,42 +141,62 @@ def main(argv: list[str] | None = None) -> int:
         _built_task(task, tok, lm.max_seq_len)
     print(f"model: {label} on {args.device}; context {lm.max_seq_len}; batch budget {args.batch_tokens} tokens")
 
-    # Each side is timed --repeats times, alternating, and the fastest run kept:
-    # on a shared machine the minimum is the least disturbed measurement.
+    # Scorer and plain forward alternate, --repeats times each (Paloma scorer, Paloma plain,
+    # downstream scorer, downstream plain, again ...): each repeat's pair gives one ratio, and the
+    # median ratio with its interval comes from titan_moe.bench_stats.
     docs = paloma_documents(tok, args.docs, lm.max_seq_len)
     requests = [w for d in docs for w in rolling_windows(d, lm.eos_id, lm.max_seq_len)]
     cfg = SuiteConfig(data_root=SHARED / "eval", limit=args.questions, shots=(0,), progress=False,
                       batch_tokens=args.batch_tokens, max_batch_size=args.batch_size)  # fmt: skip
-    pal, pal_base, d_stats, d_base, n_questions = None, math.inf, None, math.inf, 0
-    for _ in range(args.repeats):
+    latest: dict[str, ScoreStats] = {}  # each plain forward runs over its scorer's latest input tokens
+    n_questions = 0
+
+    def paloma(_: int) -> ScoreStats:
         st = ScoreStats()
         score_requests(lm, requests, batch_tokens=args.batch_tokens, max_batch_size=args.batch_size,
                        progress=False, stats=st)  # fmt: skip
-        pal = st if pal is None or st.total_s < pal.total_s else pal
-        pal_base = min(pal_base, plain_forward_s(lm, pal.input_tokens, args.batch_tokens, vocab))
+        latest["Paloma"] = st
+        return st
 
+    def downstream(_: int) -> ScoreStats:
+        nonlocal n_questions
         down: dict[str, ScoreStats] = {}
         res = run_suite(lm, tok, DOWNSTREAM_TASKS, config=cfg, stats=down)
-        n_questions = sum(t["n"] for t in res["tasks"].values())
         st = ScoreStats()
         for part in down.values():
             for f in ("requests", "batches", "scored_tokens", "input_tokens", "padded_tokens", "forward_s", "total_s"):
                 setattr(st, f, getattr(st, f) + getattr(part, f))
-        d_stats = st if d_stats is None or st.total_s < d_stats.total_s else d_stats
-        d_base = min(d_base, plain_forward_s(lm, d_stats.input_tokens, args.batch_tokens, vocab))
+        n_questions = sum(t["n"] for t in res["tasks"].values())
+        latest["downstream"] = st
+        return st
 
-    rows = [
-        ("Paloma", "tokens/s", pal.scored_tokens / pal.total_s, pal.scored_tokens / pal_base, pal, pal_base),
-        ("downstream", "questions/s", n_questions / d_stats.total_s, n_questions / d_base, d_stats, d_base),
-    ]
+    def plain(workload: str):
+        return lambda _: plain_forward_s(lm, latest[workload].input_tokens, args.batch_tokens, vocab)
+
+    def progress(i: int, r: dict) -> None:
+        print(f"repeat {i + 1}/{args.repeats}: Paloma ratio {r['Paloma plain'] / r['Paloma'].total_s:.3f}, "
+              f"downstream ratio {r['downstream plain'] / r['downstream'].total_s:.3f}", flush=True)
+
+    runs = bench_stats.interleave({"Paloma": paloma, "Paloma plain": plain("Paloma"), "downstream": downstream,
+                                   "downstream plain": plain("downstream")}, args.repeats, progress)
+    pal, down = runs["Paloma"][0], runs["downstream"][0]  # the work is the same every repeat
     print(f"\nPaloma: {len(docs)} documents, {pal.scored_tokens:,} tokens in {pal.requests} windows; "
-          f"downstream: {n_questions} questions ({d_stats.requests} continuations)\n")  # fmt: skip
-    print("| workload | unit | scorer | plain forward | ratio | padded share | forward share of scorer time |")
+          f"downstream: {n_questions} questions ({down.requests} continuations); "
+          f"{args.repeats} repeats, scorer and plain forward alternating\n")  # fmt: skip
+    print("| workload | unit | scorer (median) | plain forward (median) | ratio: median (interval) "
+          "| padded share | forward share of scorer time |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for name, unit, ours, base, st, _ in rows:
+    for name, unit, amount in (("Paloma", "tokens/s", pal.scored_tokens), ("downstream", "questions/s", n_questions)):
+        scorer, base = runs[name], runs[f"{name} plain"]
+        # ratio = scorer throughput / plain throughput = plain seconds / scorer seconds, per pair.
+        ratio = bench_stats.ratio_interval(base, [st.total_s for st in scorer]).interval
+        ours = amount / statistics.median(st.total_s for st in scorer)
+        plain_rate = amount / statistics.median(base)
+        st = scorer[0]
         pad = 1 - st.input_tokens / st.padded_tokens if st.padded_tokens else 0.0
-        print(f"| {name} | {unit} | {ours:,.1f} | {base:,.1f} | {ours / base:.2f} | {pad:.1%} | "
-              f"{st.forward_s / st.total_s:.0%} |")  # fmt: skip
+        forward = statistics.median(s.forward_s / s.total_s for s in scorer)
+        print(f"| {name} | {unit} | {ours:,.1f} | {plain_rate:,.1f} | {ratio.median:.2f} ({ratio.low:.2f}-"
+              f"{ratio.high:.2f}, {ratio.coverage:.0%}) | {pad:.1%} | {forward:.0%} |")  # fmt: skip
     return 0
 
 

@@ -14,7 +14,10 @@ measurement runs in a fresh process, as one rank, after its imports:
 * **old**: the same with streaming's stock ``Stream`` (downloads and parses
   ``index.json`` again, one reader per shard) and ``Spanner`` (one int64 per sample).
 
-It prints wall time and the peak-RSS increase over the process after its
+The three measurements run ``--repeats`` times, interleaved (new full, new
+small, old small, new full, ...); each ratio is taken per repeat and printed
+as a median with its interval (``titan_moe.bench_stats``).  It prints wall
+time and the peak-RSS increase over the process after its
 imports (``ru_maxrss``).  The old path does not fit a small machine at full
 size (~9 GB per rank), so it runs on an index ``--old-scale`` times the size
 (the new path too, for a same-size ratio) and is extrapolated linearly in
@@ -29,11 +32,14 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from titan_moe import bench_stats
 
 SEQ_LEN = 4096
 
@@ -135,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=150_000)
     p.add_argument("--samples", type=int, default=1_000_000_000)
     p.add_argument("--old-scale", type=float, default=0.1, help="index size the old path runs at (fraction)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds of the three measurements (default 5)")
     p.add_argument("--child", choices=("new", "old"), help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
@@ -148,25 +155,50 @@ def main(argv: list[str] | None = None) -> int:
         scale = args.old_scale
         fabricate(full, args.sources, args.shards, args.samples)
         fabricate(small, args.sources, round(args.shards * scale), round(args.samples * scale))
-        new_full = measure(full, "new", tmp)
-        new_small = measure(small, "new", tmp)
-        old_small = measure(small, "old", tmp)
+
+        def progress(i: int, r: dict) -> None:
+            print(f"repeat {i + 1}/{args.repeats}: " + ", ".join(
+                f"{k} {v['seconds']:.2f} s / +{v['startup_mb']:.0f} MB" for k, v in r.items()), flush=True)
+
+        # Fresh processes, interleaved within each repeat: load drifts over the three alike.
+        runs = bench_stats.interleave({"new, full size": lambda _: measure(full, "new", tmp),
+                                       "new, small": lambda _: measure(small, "new", tmp),
+                                       "old (stock Spanner), small": lambda _: measure(small, "old", tmp)},
+                                      args.repeats, progress)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     f = 1 / scale
-    old_full_mb, old_full_s = old_small["startup_mb"] * f, old_small["seconds"] * f
-    print(f"index: {new_full['samples']:,} samples in {new_full['shards']:,} shards, {args.sources} sources; "
-          f"old path measured at {new_small['samples']:,} samples / {new_small['shards']:,} shards")
-    print(f"{'':28}{'startup s':>10}{'startup MB':>12}{'peak RSS MB':>13}")
-    for label, r in (("new, full size", new_full), ("new, small", new_small), ("old (stock Spanner), small", old_small)):
-        print(f"{label:<28}{r['seconds']:>10.2f}{r['startup_mb']:>12.0f}{r['peak_rss_mb']:>13.0f}")
-    print(f"{'old, extrapolated to full':<28}{old_full_s:>10.2f}{old_full_mb:>12.0f}")
-    print(f"same size (small): old/new time {old_small['seconds'] / new_small['seconds']:.1f}x, "
-          f"startup memory {old_small['startup_mb'] / max(new_small['startup_mb'], 1):.1f}x")
-    print(f"full size: old (extrapolated)/new time {old_full_s / new_full['seconds']:.1f}x, "
-          f"startup memory {old_full_mb / max(new_full['startup_mb'], 1):.1f}x")
-    ok = new_full["startup_mb"] <= 500 and new_full["seconds"] <= 5
-    print(f"target <= 500 MB and <= 5 s per rank at full size: {'met' if ok else 'NOT met'}")
+    new_full, new_small, old_small = (runs[k] for k in ("new, full size", "new, small", "old (stock Spanner), small"))
+    first = new_full[0]
+    print(f"\nindex: {first['samples']:,} samples in {first['shards']:,} shards, {args.sources} sources; "
+          f"old path measured at {new_small[0]['samples']:,} samples / {new_small[0]['shards']:,} shards; "
+          f"{args.repeats} repeats, fresh processes interleaved; median (min-max)")
+    print(f"{'':28}{'startup s':>20}{'startup MB':>20}{'peak RSS MB':>13}")
+
+    def spread(values: list[float], fmt: str) -> str:
+        i = bench_stats.median_interval(values)
+        return f"{i.median:{fmt}} ({i.minimum:{fmt}}-{i.maximum:{fmt}})"
+
+    for label, rs in runs.items():
+        print(f"{label:<28}{spread([r['seconds'] for r in rs], '.2f'):>20}"
+              f"{spread([r['startup_mb'] for r in rs], '.0f'):>20}"
+              f"{statistics.median(r['peak_rss_mb'] for r in rs):>13.0f}")
+    print(f"{'old, extrapolated to full':<28}{spread([r['seconds'] * f for r in old_small], '.2f'):>20}"
+          f"{spread([r['startup_mb'] * f for r in old_small], '.0f'):>20}")
+
+    def ratio(old: list[dict], new: list[dict], key: str, factor: float = 1.0) -> str:
+        r = bench_stats.ratio_interval([o[key] * factor for o in old], [max(n[key], 1) if key == "startup_mb"
+                                                                        else n[key] for n in new]).interval
+        return f"{r.median:.1f}x ({r.low:.1f}-{r.high:.1f}x, {r.coverage:.0%} interval)"
+
+    print(f"same size (small): old/new time {ratio(old_small, new_small, 'seconds')}, "
+          f"startup memory {ratio(old_small, new_small, 'startup_mb')}")
+    print(f"full size: old (extrapolated)/new time {ratio(old_small, new_full, 'seconds', f)}, "
+          f"startup memory {ratio(old_small, new_full, 'startup_mb', f)}")
+    worst_mb, worst_s = max(r["startup_mb"] for r in new_full), max(r["seconds"] for r in new_full)
+    ok = worst_mb <= 500 and worst_s <= 5
+    print(f"target <= 500 MB and <= 5 s per rank at full size, every repeat (worst {worst_mb:.0f} MB, "
+          f"{worst_s:.2f} s): {'met' if ok else 'NOT met'}")
     return 0
 
 

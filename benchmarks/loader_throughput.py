@@ -18,21 +18,28 @@ labels, padding masked), one data-parallel rank:
 The last lines put those rates next to what one H200 consumes training the
 OLMoE-1B-7B-like shape (``jobs/configs/bench_olmoe_1b7b.toml``) at 35 % MFU:
 ``0.35 * 989 TFLOP/s / flops_per_token`` from ``titan_moe.model.accounting``.
-Numbers depend on the machine (run it on an idle one); ratios are from the
-same run.
+Every row runs ``--repeats`` times, the rows interleaved within each repeat
+(cold, warm, memmap, s3, cold, ...); each row's ratio to the memmap of the
+same repeat is summarised as a median with its interval
+(``titan_moe.bench_stats``).  Numbers depend on the machine (run it on an
+idle one).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from titan_moe import bench_stats
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_CONFIG = REPO / "jobs" / "configs" / "bench_olmoe_1b7b.toml"
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="local batch size")
     parser.add_argument("--shard-size", default="16mb", help="uncompressed bytes per MDS shard")
     parser.add_argument("--no-s3", action="store_true", help="skip the loopback S3 row")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of every row, interleaved (default 5)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -130,43 +138,69 @@ def main(argv: list[str] | None = None) -> int:
         flat = write_data(work, args.samples, args.seq_len, args.shard_size)
         steps = flat.shape[0] // args.batch
         root = str(work / "prep")
-        config = job_config(root, work / "cache_local", args.seq_len, args.batch)
-        results = {}
-        cold, rows = time_loader(config, steps)
-        results["loader local, cold cache"] = cold
-        warm, rows_again = time_loader(config, steps)
-        assert all((a == b).all() for a, b in zip(rows, rows_again))
-        results["loader local, warm cache"] = warm
-        time_memmap(flat, rows)  # page cache warm-up
-        baseline = time_memmap(flat, rows)
-        if not args.no_s3:
-            results["loader s3 (loopback), cold cache"] = time_s3(work, root, args, steps)
+        cache = work / "cache_local"
+        config = job_config(root, cache, args.seq_len, args.batch)
+        order: list[np.ndarray] = []  # the loader's rows, which the memmap baseline reads too
+
+        def cold(_: int) -> float:
+            shutil.rmtree(cache, ignore_errors=True)
+            seconds, rows = time_loader(config, steps)
+            order[:] = rows
+            return seconds
+
+        def warm(_: int) -> float:
+            seconds, rows = time_loader(config, steps)
+            assert all((a == b).all() for a, b in zip(order, rows))
+            return seconds
+
+        runners = {"loader local, cold cache": cold, "loader local, warm cache": warm,
+                   "numpy memmap": lambda _: time_memmap(flat, order)}
+        with contextlib.ExitStack() as stack:
+            if not args.no_s3:
+                runners["loader s3 (loopback), cold cache"] = stack.enter_context(s3_runner(work, root, args, steps))
+
+            def progress(i: int, r: dict[str, float]) -> None:
+                print(f"repeat {i + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.2f} s" for k, v in r.items()),
+                      flush=True)
+
+            # Rows interleave within each repeat, so machine load drifts over all of them alike.
+            runs = bench_stats.interleave(runners, args.repeats, progress)
+        baseline = runs.pop("numpy memmap")
+        results = {name: bench_stats.ratio_interval(baseline, seconds) for name, seconds in runs.items()}
 
         samples = steps * args.batch
         tokens = samples * args.seq_len
-        print(f"\n{samples} samples x {args.seq_len} tokens, batch {args.batch}, shards {args.shard_size}, 1 rank")
-        print(f"{'':36} {'samples/s':>10} {'tokens/s':>14} {'vs memmap':>10}")
-        print(f"{'numpy memmap (baseline)':36} {samples / baseline:10.1f} {tokens / baseline:14,.0f} {1.0:10.2f}")
-        for name, seconds in results.items():
-            print(f"{name:36} {samples / seconds:10.1f} {tokens / seconds:14,.0f} {baseline / seconds:10.2f}")
+        base_s = statistics.median(baseline)
+        print(f"\n{samples} samples x {args.seq_len} tokens, batch {args.batch}, shards {args.shard_size}, 1 rank; "
+              f"{args.repeats} repeats, rows interleaved; medians, vs memmap per repeat: median (interval)")
+        print(f"{'':36} {'samples/s':>10} {'tokens/s':>14} {'vs memmap':>24}")
+        print(f"{'numpy memmap (baseline)':36} {samples / base_s:10.1f} {tokens / base_s:14,.0f} {1.0:>24.2f}")
+        for name, ratio in results.items():
+            seconds = statistics.median(runs[name])
+            vs = f"{ratio.median:.2f} ({ratio.low:.2f}-{ratio.high:.2f}, {ratio.interval.coverage:.0%})"
+            print(f"{name:36} {samples / seconds:10.1f} {tokens / seconds:14,.0f} {vs:>24}")
         flops, need = gpu_need()
-        warm_rate = tokens / results["loader local, warm cache"]
+        warm_rate = tokens / statistics.median(runs["loader local, warm cache"])
         print(f"\nOLMoE-1B-7B-like ({BENCH_CONFIG.name}): {flops / 1e9:.2f} GFLOP/token; one H200 at "
               f"{MFU:.0%} MFU of {PEAK_BF16 / 1e12:.0f} TFLOP/s consumes {need:,.0f} tokens/s "
               f"= {need / args.seq_len:.1f} samples/s")
         print(f"headroom (loader local warm / GPU need): {warm_rate / need:.0f}x per data-loading process")
         if args.json:
-            out = {name: {"samples_per_s": samples / s, "tokens_per_s": tokens / s, "vs_memmap": baseline / s}
-                   for name, s in results.items()}
-            out["memmap"] = {"samples_per_s": samples / baseline, "tokens_per_s": tokens / baseline}
+            out = {name: {"samples_per_s": samples / statistics.median(runs[name]),
+                          "tokens_per_s": tokens / statistics.median(runs[name]),
+                          "vs_memmap": ratio.as_dict(), "seconds": runs[name]} for name, ratio in results.items()}
+            out["memmap"] = {"samples_per_s": samples / base_s, "tokens_per_s": tokens / base_s, "seconds": baseline}
             out["gpu_need_tokens_per_s"] = need
+            out["repeats"] = args.repeats
             Path(args.json).write_text(json.dumps(out, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def time_s3(work: Path, root: str, args, steps: int) -> float:
+@contextlib.contextmanager
+def s3_runner(work: Path, root: str, args, steps: int):
+    """A loopback S3 server holding the prep output; yields a runner timing one cold-cache epoch from it."""
     import logging
 
     import boto3
@@ -186,14 +220,18 @@ def time_s3(work: Path, root: str, args, steps: int) -> float:
         for path in Path(root).rglob("*"):
             if path.is_file():
                 client.upload_file(str(path), "bench", f"prep/{path.relative_to(root).as_posix()}")
-        config = job_config("s3://bench/prep", work / "cache_s3", args.seq_len, args.batch)
-        seconds, _ = time_loader(config, steps)
+        cache = work / "cache_s3"
+        config = job_config("s3://bench/prep", cache, args.seq_len, args.batch)
+
+        def run(_: int) -> float:
+            shutil.rmtree(cache, ignore_errors=True)
+            return time_loader(config, steps)[0]
+
+        yield run
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         server.stop()
-    return seconds
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -21,6 +21,9 @@ which is what a tokenize-everything-first design would hold.
 
 Both count the same tokens (document tokens plus one EOS per document), so
 ``ratio = prep tok/s / raw tok/s = raw time / prep time``; the aim is >= 0.8.
+Raw and prep alternate ``--repeats`` times per worker count (raw, prep, raw,
+prep, ...); the ratio is taken per repeat and printed as a median with its
+interval (``titan_moe.bench_stats``).
 The corpus is words drawn from the tokenizer's own vocabulary with
 log-normal document lengths, half the files gzip and half zstd, in two
 sources.  Timings on a shared machine are noisy: run it on an idle one.
@@ -34,6 +37,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +45,8 @@ import time
 from pathlib import Path
 
 import zstandard
+
+from titan_moe import bench_stats
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = REPO / ".." / "shared" / "data" / "tokenizers" / "allenai_gpt-neox-olmo-dolma-v1_5.json"
@@ -135,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--shards", type=int, default=1, help="concurrent --shard I/N processes (default 1)")
     p.add_argument("--group-size", default="1gb", help="prep --group-size (default 1gb)")
+    p.add_argument("--repeats", type=int, default=5, help="runs of raw and of prep per worker count, alternating")
     p.add_argument("--tokenizer", default=str(SHARED_TOKENIZER) if SHARED_TOKENIZER.exists() else None,
                    help="tokenizer.json path (default: the shared OLMoE copy)")
     args = p.parse_args(argv)
@@ -157,20 +164,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corpus: {len(texts)} docs in {args.files} files ({size / 2**20:.1f} MiB compressed), "
               f"seq_len {args.seq_len}, {cores} cores")
         print(f"shards {args.shards}, group size {args.group_size}")
-        print(f"{'workers':>7} {'cores':>5} {'raw tok/s/core':>15} {'prep tok/s/core':>16} {'ratio':>6} "
+        print(f"{args.repeats} repeats per worker count, raw and prep alternating; tok/s/core are medians, "
+              f"ratio is the median of the per-repeat ratios with its interval")
+        print(f"{'workers':>7} {'cores':>5} {'raw tok/s/core':>15} {'prep tok/s/core':>16} {'ratio (interval)':>24} "
               f"{'peak work MiB':>14} {'all tokens MiB':>15}")
         itemsize = 2 if tok.dtype == "uint16" else 4
         for w in workers:
             cores_used = w * args.shards
-            raw = raw_speed(tok_path, texts_path, cores_used, batch=512)
-            prep = prep_speed(tmp_path / "corpus", tmp_path / f"out-{w}", args.tokenizer, w, args.seq_len,
-                              args.shards, args.group_size)
-            assert prep["tokens"] == raw["tokens"], (prep["tokens"], raw["tokens"])
-            raw_tps = raw["tokens"] / raw["seconds"] / cores_used
-            prep_tps = prep["tokens"] / prep["seconds"] / cores_used
-            print(f"{w:>7} {cores_used:>5} {raw_tps:>15,.0f} {prep_tps:>16,.0f} {prep_tps / raw_tps:>6.2f} "
-                  f"{prep['peak_work_bytes'] / 2**20:>14.2f} {prep['tokens'] * itemsize / 2**20:>15.2f}",
-                  flush=True)
+            runs = bench_stats.interleave(
+                {"raw": lambda _: raw_speed(tok_path, texts_path, cores_used, batch=512),
+                 "prep": lambda _: prep_speed(tmp_path / "corpus", tmp_path / f"out-{w}", args.tokenizer, w,
+                                              args.seq_len, args.shards, args.group_size)},
+                args.repeats,
+                lambda i, r: print(f"  workers {w}, repeat {i + 1}/{args.repeats}: ratio "
+                                   f"{r['raw']['seconds'] / r['prep']['seconds']:.3f}", flush=True))
+            raw, prep = runs["raw"], runs["prep"]
+            assert all(p["tokens"] == r["tokens"] for p, r in zip(prep, raw)), (prep, raw)
+            tokens = raw[0]["tokens"]
+            # ratio = prep tok/s / raw tok/s = raw seconds / prep seconds, per repeat.
+            ratio = bench_stats.ratio_interval([r["seconds"] for r in raw], [p["seconds"] for p in prep]).interval
+            raw_tps = tokens / statistics.median(r["seconds"] for r in raw) / cores_used
+            prep_tps = tokens / statistics.median(p["seconds"] for p in prep) / cores_used
+            spread = f"{ratio.median:.2f} ({ratio.low:.2f}-{ratio.high:.2f}, {ratio.coverage:.0%})"
+            peak = max(p["peak_work_bytes"] for p in prep)
+            print(f"{w:>7} {cores_used:>5} {raw_tps:>15,.0f} {prep_tps:>16,.0f} {spread:>24} "
+                  f"{peak / 2**20:>14.2f} {tokens * itemsize / 2**20:>15.2f}", flush=True)
     return 0
 
 

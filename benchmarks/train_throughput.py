@@ -1,6 +1,6 @@
 """Training throughput and MFU of titan_moe vs torchtitan's own MoE (qwen3), measured in one run.
 
-    python -m benchmarks.train_throughput [CONFIG] [--nproc N] [--steps S]
+    python -m benchmarks.train_throughput [CONFIG] [--nproc N] [--steps S] [--repeats R]
 
 Same as ``titan-moe bench`` (``titan_moe/bench.py``, which holds the code so the
 installed command works outside a checkout).  On CPU the default config is a

@@ -1,17 +1,22 @@
-"""``titan-moe bench [CONFIG] [--nproc N] [--steps S]``: training throughput and MFU vs torchtitan's MoE.
+"""``titan-moe bench [CONFIG] [--nproc N] [--steps S] [--repeats R]``: training throughput and MFU vs torchtitan's MoE.
 
-Trains the named run config twice on this machine, back to back, with the same
+Trains the named run config with two engines on this machine, with the same
 data, batch, precision and parallelism:
 
 1. titan_moe (``-m titan_moe.train``);
 2. the baseline, torchtitan 0.2.2's own qwen3 MoE at the same shape
    (``-m titan_moe.bench_baseline``);
 
-and prints tokens/s per device and MFU of each (the median over the steps after
-the warm-up), with the ratio titan_moe / baseline.  CONFIG is a path or a name
+interleaved, ``--repeats`` times each (titan_moe, baseline, titan_moe, baseline,
+...), every run a fresh process of ``--steps`` steps.  A run's tokens/s is the
+median over its steps after the warm-up; repeat i of titan_moe against repeat i
+of the baseline gives one ratio, and the verdict comes from the median of those
+ratios and its interval (``titan_moe.bench_stats``): ``faster`` when the whole
+interval clears ``--target`` (1.1x), ``slower`` when it is all below,
+``inconclusive`` when it straddles the target.  CONFIG is a path or a name
 under ``jobs/configs/`` (default: ``bench_olmoe_1b7b`` -- 16 layers, dim 2048,
-64 experts of hidden 1024, top-8, seq 4096 -- on a GPU, ``bench_cpu_small``
-on CPU).  Not a test: the numbers depend on the machine.
+64 experts of hidden 1024, top-8, seq 4096 -- on a GPU, ``bench_cpu_small`` on
+CPU).  Not a test: the numbers depend on the machine.
 """
 
 import argparse
@@ -19,15 +24,25 @@ import json
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from titan_moe import bench_stats
+from titan_moe.infra.torchrun import torchrun_command, torchrun_env
 from titan_moe.job_config import load_run_config
 from titan_moe.overrides import parse_args_and_overrides
-from titan_moe.infra.torchrun import torchrun_command, torchrun_env
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+# The two engines, in the order each repeat runs them.
+ENGINES = {"titan_moe": "titan_moe.train", "baseline": "titan_moe.bench_baseline"}
 METRICS = {"tokens/s per device": "throughput(tps)", "MFU %": "mfu(%)", "TFLOP/s per device": "tflops"}
+PEAK_MEMORY = "memory/max_reserved(GiB)"  # on CPU the platform layer reports the process's peak RSS
+TARGET_RATIO = 1.1
+WARMUP_STEPS = 2
+
+# One run of one engine: (engine name, repeat index) -> its per-run summary (see summarize).
+Runner = Callable[[str, int], dict[str, Any]]
 
 
 def resolve_config(name: str) -> Path:
@@ -40,32 +55,17 @@ def resolve_config(name: str) -> Path:
     raise FileNotFoundError(f"no run config {name!r} (neither a file nor {named})")
 
 
-def summarize(metrics_file: Path, warmup: int) -> dict[str, float]:
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+def summarize(rows: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
+    """One run: the median of each metric over the steps after the warm-up (robust to one stalled step)."""
     timed = [r for r in rows if r["step"] > warmup] or rows
-    # Median over steps: robust to a step stalled by other work on a shared machine.
-    out = {label: statistics.median(r[key] for r in timed) for label, key in METRICS.items()}
-    if any("memory/max_reserved(GiB)" in r for r in timed):  # GPU runs only
-        out["peak memory GiB"] = max(r.get("memory/max_reserved(GiB)", 0.0) for r in timed)
+    out: dict[str, Any] = {label: statistics.median(r[key] for r in timed) for label, key in METRICS.items()}
+    if any(PEAK_MEMORY in r for r in timed):
+        out["peak memory GiB"] = max(r.get(PEAK_MEMORY, 0.0) for r in timed)
     out["steps timed"] = len(timed)
+    # Each timed step's tokens/s: how steady a step is inside one run.
+    out["step tokens/s"] = [r[METRICS["tokens/s per device"]] for r in timed]
     out["final loss"] = rows[-1]["loss_metrics/global_avg_loss"]
     return out
-
-
-def run_one(module: str, config: Path, nproc: int, steps: int, folder: Path, extra: list[str]) -> dict[str, float]:
-    folder.mkdir(parents=True, exist_ok=True)
-    metrics_file = folder / "metrics.jsonl"
-    if metrics_file.exists():
-        metrics_file.unlink()
-    cmd = torchrun_command(module, ["--job.config_file", str(config), *bench_overrides(steps, folder), *extra], nproc)
-    env = torchrun_env(nproc)
-    print(f"[bench] {module}: {' '.join(cmd[2:])}", flush=True)
-    with open(folder / "train.log", "w") as log:
-        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = (folder / "train.log").read_text()[-3000:]
-        raise RuntimeError(f"{module} failed (exit {proc.returncode}); log {folder / 'train.log'}:\n{tail}")
-    return summarize(metrics_file, warmup=min(2, steps - 1))
 
 
 def bench_overrides(steps: int, folder: Path) -> list[str]:
@@ -74,8 +74,71 @@ def bench_overrides(steps: int, folder: Path) -> list[str]:
             "--checkpoint.no-enable", "--job.dump_folder", str(folder)]
 
 
-def format_table(ours: dict[str, float], base: dict[str, float]) -> str:
-    lines = [f"{'':<22}{'titan_moe':>14}{'torchtitan qwen3':>18}{'ratio':>9}"]
+def process_runner(config: Path, nproc: int, steps: int, out: Path, extra: list[str]) -> Runner:
+    """Each call trains one engine for ``steps`` steps in a fresh torchrun; logs and metrics kept per repeat."""
+
+    def run(engine: str, repeat: int) -> dict[str, Any]:
+        module, folder = ENGINES[engine], out / engine
+        folder.mkdir(parents=True, exist_ok=True)
+        metrics_file = folder / "metrics.jsonl"
+        metrics_file.unlink(missing_ok=True)
+        cmd = torchrun_command(module, ["--job.config_file", str(config), *bench_overrides(steps, folder), *extra],
+                               nproc)
+        if repeat == 0:
+            print(f"[bench] {engine}: {' '.join(cmd[2:])}", flush=True)
+        log_path = folder / f"train.r{repeat}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.run(cmd, env=torchrun_env(nproc), stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{module} failed (exit {proc.returncode}); log {log_path}:\n"
+                               f"{log_path.read_text()[-3000:]}")
+        kept = metrics_file.rename(folder / f"metrics.r{repeat}.jsonl")
+        rows = [json.loads(line) for line in kept.read_text().splitlines() if line.strip()]
+        return summarize(rows, warmup=min(WARMUP_STEPS, steps - 1))
+
+    return run
+
+
+def progress_line(repeat: int, repeats: int, results: dict[str, dict[str, Any]]) -> str:
+    ours, base = (results[e]["tokens/s per device"] for e in ENGINES)
+    return (f"[bench] repeat {repeat + 1}/{repeats}: titan_moe {ours:,.1f} tokens/s, baseline {base:,.1f} tokens/s, "
+            f"ratio {ours / base:.3f}")
+
+
+def compare(run: Runner, repeats: int, target: float = TARGET_RATIO,
+            progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run both engines ``repeats`` times, interleaved; the medians, the per-pair ratios and the verdict."""
+    runners = {engine: (lambda i, engine=engine: run(engine, i)) for engine in ENGINES}
+    runs = bench_stats.interleave(
+        runners, repeats, after_repeat=lambda i, results: progress(progress_line(i, repeats, results)))
+    sides = {engine: side_summary(runs[engine]) for engine in ENGINES}
+    ratio = bench_stats.ratio_interval([r["tokens/s per device"] for r in runs["titan_moe"]],
+                                       [r["tokens/s per device"] for r in runs["baseline"]])
+    return {"repeats": repeats, "steps_timed": runs["titan_moe"][0]["steps timed"], "target": target,
+            "ratio_median": ratio.median, "ratio_low": ratio.low, "ratio_high": ratio.high,
+            "ratio_coverage": ratio.interval.coverage, "ratios": list(ratio.ratios),
+            "verdict": bench_stats.verdict(ratio.interval, target),
+            "verdict_line": bench_stats.describe_verdict(ratio, target, "tokens/s ratio")} | sides
+
+
+def side_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One engine over its repeats: the median of each per-run metric, with its interval, and every run."""
+    out: dict[str, Any] = {}
+    for label in METRICS:
+        interval = bench_stats.median_interval([r[label] for r in runs])
+        out[label] = interval.median
+        out[f"{label} interval"] = [interval.low, interval.high]
+    if all("peak memory GiB" in r for r in runs):
+        out["peak memory GiB"] = max(r["peak memory GiB"] for r in runs)
+    out["final loss"] = statistics.median(r["final loss"] for r in runs)
+    out["runs"] = runs
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    ours, base = result["titan_moe"], result["baseline"]
+    # The last column divides the two medians; the verdict uses the median of the per-pair ratios.
+    lines = [f"{'median over repeats':<22}{'titan_moe':>14}{'torchtitan qwen3':>18}{'ratio':>9}"]
     for label in METRICS:
         ratio = ours[label] / base[label] if base[label] else float("nan")
         lines.append(f"{label:<22}{ours[label]:>14.4g}{base[label]:>18.4g}{ratio:>9.3f}")
@@ -83,6 +146,9 @@ def format_table(ours: dict[str, float], base: dict[str, float]) -> str:
         lines.append(f"{'peak memory GiB':<22}{ours['peak memory GiB']:>14.4g}{base['peak memory GiB']:>18.4g}"
                      f"{ours['peak memory GiB'] / base['peak memory GiB']:>9.3f}")
     lines.append(f"{'final loss':<22}{ours['final loss']:>14.4f}{base['final loss']:>18.4f}")
+    ratios = ", ".join(f"{r:.3f}" for r in result["ratios"])
+    lines.append(f"per-repeat tokens/s ratios (each repeat's pair): {ratios}")
+    lines.append(result["verdict_line"])
     return "\n".join(lines)
 
 
@@ -92,14 +158,27 @@ def build_parser(gpu: bool, gpus: int) -> argparse.ArgumentParser:
     parser.add_argument("config", nargs="?", default="bench_olmoe_1b7b" if gpu else "bench_cpu_small",
                         help="run config path or name under jobs/configs/")
     parser.add_argument("--nproc", type=int, default=gpus if gpu else 1)
-    parser.add_argument("--steps", type=int, default=10 if gpu else 6, help="steps per run (the first 2 are warm-up)")
+    parser.add_argument("--steps", type=int, default=10,
+                        help=f"steps per run (the first {WARMUP_STEPS} are warm-up; default 10)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help=f"runs of each engine, interleaved (default 5; a verdict needs >= "
+                             f"{bench_stats.MIN_REPEATS_FOR_VERDICT})")
+    parser.add_argument("--target", type=float, default=TARGET_RATIO, help="tokens/s ratio to clear (default 1.1)")
     parser.add_argument("--out", default=None, help="output folder (default ./outputs/bench/CONFIG)")
     return parser
 
 
 def read_command_line(argv: list[str], gpu: bool, gpus: int):
     """(options, config path, output folder, user overrides, the parsed run config of the titan_moe run)."""
-    args, extra = parse_args_and_overrides(build_parser(gpu, gpus), argv)
+    from titan_moe.errors import ConfigError
+
+    parser = build_parser(gpu, gpus)
+    args, extra = parse_args_and_overrides(parser, argv)
+    if args.repeats < 1:
+        raise ConfigError("--repeats", f"must be >= 1 (got {args.repeats}); "
+                                       f"use >= {bench_stats.MIN_REPEATS_FOR_VERDICT} for a verdict")
+    if args.steps <= WARMUP_STEPS:
+        raise ConfigError("--steps", f"must be > {WARMUP_STEPS} (the warm-up steps are not timed); got {args.steps}")
     config = resolve_config(args.config)
     out = Path(args.out or Path("outputs") / "bench" / config.stem)
     run = load_run_config(config, [*bench_overrides(args.steps, out / "titan_moe"), *extra])
@@ -107,31 +186,36 @@ def read_command_line(argv: list[str], gpu: bool, gpus: int):
 
 
 def read_config(argv: list[str], gpu: bool = False, gpus: int = 0) -> Any:
-    """The run config each of bench's two runs trains (what their ranks parse)."""
+    """The run config each of bench's runs trains (what their ranks parse)."""
     return read_command_line(argv, gpu, gpus)[-1]
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], runner: Runner | None = None) -> int:
+    """``runner`` replaces the training processes (tests); by default each run is a fresh torchrun."""
     import torch
 
     from titan_moe.errors import ConfigError
     from titan_moe.preflight import plan_run
 
     gpu = torch.cuda.is_available()
-    try:  # the same checks as `titan-moe train`, before two runs are started
+    try:  # the same checks as `titan-moe train`, before any run is started
         args, config, out, extra, run = read_command_line(argv, gpu, torch.cuda.device_count())
         plan_run(run, args.nproc)
     except ConfigError as exc:
         print(f"titan-moe bench: invalid run config: {exc}", file=sys.stderr)
         return 2
 
-    ours = run_one("titan_moe.train", config, args.nproc, args.steps, out / "titan_moe", extra)
-    base = run_one("titan_moe.bench_baseline", config, args.nproc, args.steps, out / "baseline", extra)
-    table = format_table(ours, base)
     device = torch.cuda.get_device_name() if gpu else "CPU"
-    print(f"\n{config.stem} on {args.nproc} x {device}, {args.steps} steps ({ours['steps timed']} timed)\n{table}")
-    (out / "summary.json").write_text(json.dumps({"config": str(config), "device": device, "nproc": args.nproc,
-                                                  "titan_moe": ours, "baseline": base}, indent=2))
+    timed = args.steps - WARMUP_STEPS
+    print(f"[bench] {config.stem} on {args.nproc} x {device}: {args.repeats} repeats of each engine, interleaved; "
+          f"{args.steps} steps per run ({WARMUP_STEPS} warm-up, {timed} timed)", flush=True)
+    runner = runner or process_runner(config, args.nproc, args.steps, out, extra)
+    result = compare(runner, args.repeats, args.target, progress=lambda line: print(line, flush=True))
+    print(f"\n{config.stem} on {args.nproc} x {device}: {args.repeats} repeats x {args.steps} steps "
+          f"({result['steps_timed']} timed) per engine\n{format_table(result)}")
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"config": str(config), "device": device, "nproc": args.nproc, "steps": args.steps} | result
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
 
 

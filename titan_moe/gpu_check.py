@@ -1,8 +1,8 @@
 """``titan-moe gpu-check [--smoke] [--out gpu_check.json]``: prove the MoE hot path on one GPU.
 
 For a fresh H200 machine with torch 2.11 and the project installed.  Four
-stages, each in its own process under its own deadline (about 8 minutes in
-all), write ``gpu_check.json`` and print a table:
+stages, each in its own process under its own deadline (under 25 minutes in
+all, 20 of them the bench's repeats), write ``gpu_check.json`` and print a table:
 
 1. ``grouped_vs_loop``: grouped-GEMM and loop experts give equal outputs and
    equal gradients for every parameter and the input (bf16 tolerance) at the
@@ -15,7 +15,9 @@ all), write ``gpu_check.json`` and print a table:
 3. ``train_compiled``: 40 trainer steps of a small MoE with ``compile.enable``
    and bf16; the loss must fall;
 4. ``bench``: ``titan-moe bench`` at the OLMoE-1B-7B shape against
-   torchtitan's own MoE, both compiled: tokens/s, MFU, peak memory, ratio.
+   torchtitan's own MoE, both compiled, 5 interleaved repeats each: tokens/s,
+   MFU, peak memory, the median ratio and its interval; it passes only when
+   the low end of the interval clears 1.1x (and of MFU, 40 %).
 
 ``--smoke`` runs every stage at toy shapes on CPU (what CI runs).  There the
 CUDA sync counter does not exist and stage 2 says so; the dispatch-mode count
@@ -59,7 +61,8 @@ STAGES = [
     Stage("grouped_vs_loop", "grouped vs loop experts: outputs and gradients", 60, 240),
     Stage("host_syncs", "host syncs per MoE layer fwd+bwd", 45, 240),
     Stage("train_compiled", "trainer steps, compile + bf16: loss falls", 120, 600),
-    Stage("bench", "titan-moe bench vs torchtitan's MoE", 250, 600),
+    # 2 x BENCH_REPEATS fresh processes, each starting, compiling (cached after the first) and training.
+    Stage("bench", "titan-moe bench vs torchtitan's MoE, interleaved repeats", 1200, 1200),
 ]
 
 # OLMoE-1B-7B's expert shape and one 4096-token sequence; toy shapes for --smoke.
@@ -72,6 +75,8 @@ BF16_RTOL = 2e-2
 BENCH_LAYERS_ONE_GPU = 8
 # What the bench stage must reach on one H200 (MFU against 989 TFLOP/s dense bf16).
 BENCH_TARGET_RATIO, BENCH_TARGET_MFU = 1.1, 40.0
+# Runs of each engine: the fewest whose min..max is a 90% interval for the median ratio.
+BENCH_REPEATS = 5
 
 
 # -- sync counting --------------------------------------------------------------
@@ -222,27 +227,40 @@ def stage_train_compiled(smoke: bool, workdir: Path) -> dict:
             "details": {"losses": losses}}
 
 
+def bench_meets_targets(summary: dict) -> bool:
+    """The GPU targets, applied to the low end of each interval, so a lucky repeat cannot pass the check."""
+    return summary["ratio_low"] >= BENCH_TARGET_RATIO and summary["verdict"] == "faster" and \
+        summary["titan_moe"]["MFU % interval"][0] >= BENCH_TARGET_MFU
+
+
 def stage_bench(smoke: bool, workdir: Path) -> dict:
+    """``titan-moe bench``, interleaved repeats; on the GPU it passes only when each interval clears its target."""
     from titan_moe import bench
 
-    if smoke:
-        config, steps, extra, note = "bench_cpu_small", 4, ["--arch.n_layers", "2"], "CPU smoke: 2 layers"
+    if smoke:  # a few short runs: proves interleaving and the summary end to end, not the speed
+        config, steps, repeats = "bench_cpu_small", 3, 2
+        extra, note = ["--arch.n_layers", "1"], "CPU smoke: 1 layer, 1 timed step per run, no targets"
     else:
-        config, steps = "bench_olmoe_1b7b", 8
+        config, steps, repeats = "bench_olmoe_1b7b", 8, BENCH_REPEATS
         extra = ["--arch.n_layers", str(BENCH_LAYERS_ONE_GPU)]
         note = (f"{BENCH_LAYERS_ONE_GPU} of 16 layers: 16 layers with fp32 AdamW state and seq-4096 "
                 "activations do not fit one H200")
     out = workdir / "bench"
-    status = bench.main([config, "--nproc", "1", "--steps", str(steps), "--out", str(out), *extra])
+    status = bench.main([config, "--nproc", "1", "--steps", str(steps), "--repeats", str(repeats),
+                         "--target", str(BENCH_TARGET_RATIO), "--out", str(out), *extra])
     summary = json.loads((out / "summary.json").read_text())
     ours, base = summary["titan_moe"], summary["baseline"]
-    ratio = ours["tokens/s per device"] / base["tokens/s per device"]
-    line = (f"{ratio:.2f}x torchtitan tokens/s; MFU {ours['MFU %']:.1f}% vs {base['MFU %']:.1f}%; "
-            f"peak mem {ours.get('peak memory GiB', float('nan')):.1f} vs {base.get('peak memory GiB', float('nan')):.1f} GiB")
-    # Smoke proves the stage runs end to end; the issue's targets apply on the GPU only.
-    passed = status == 0 and (smoke or (ratio >= BENCH_TARGET_RATIO and ours["MFU %"] >= BENCH_TARGET_MFU))
-    note += "" if smoke else f"; targets >= {BENCH_TARGET_RATIO}x and >= {BENCH_TARGET_MFU:g}% MFU"
-    return {"passed": passed, "summary": f"{line} ({note})", "details": summary | {"ratio": ratio, "note": note}}
+    mfu_low = ours["MFU % interval"][0]
+    line = (f"{summary['ratio_median']:.2f}x torchtitan tokens/s ({summary['ratio_low']:.2f}-"
+            f"{summary['ratio_high']:.2f}, {summary['ratio_coverage']:.0%} interval, {repeats} repeats): "
+            f"{summary['verdict']}; MFU {ours['MFU %']:.1f}% (low {mfu_low:.1f}%) vs {base['MFU %']:.1f}%; "
+            f"peak mem {ours.get('peak memory GiB', float('nan')):.1f} vs "
+            f"{base.get('peak memory GiB', float('nan')):.1f} GiB")
+    passed = status == 0 and (smoke or bench_meets_targets(summary))
+    if not smoke:
+        note += (f"; targets: interval low >= {BENCH_TARGET_RATIO}x tokens/s and MFU interval low "
+                 f">= {BENCH_TARGET_MFU:g}%")
+    return {"passed": passed, "summary": f"{line} ({note})", "details": summary | {"note": note}}
 
 
 def run_stage(name: str, smoke: bool, workdir: Path) -> dict:
