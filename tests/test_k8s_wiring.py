@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from jobs.k8s import render_run
-from jobs.k8s.entrypoint import PREEMPTED_EXIT_CODE
+from jobs.k8s.exitcodes import PREEMPTED as PREEMPTED_EXIT_CODE
 from jobs.k8s.manifests import CONFIG_KEY
 from jobs.k8s.options import RDZV_PORT
 from tests.k8s_support import IMAGE, load, run_toml, trainer_pod
