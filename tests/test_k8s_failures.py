@@ -1,0 +1,168 @@
+"""What each failure of a multi-node run costs: the pods' exit codes and what the rendered policies do with them.
+
+The multi-pod test runs the rendered trainer pods as local process groups
+(``tests/k8s_pods.py``) through four generations of one run, the way the
+JobSet would restart it, and after each one evaluates the rendered Job
+``podFailurePolicy`` and JobSet ``failurePolicy`` on the pods' real exit codes
+(``tests/k8s_support.py`` follows the controllers' rules):
+
+1. a whole pod is SIGKILLed after the run committed a checkpoint (a lost
+   node): the survivor exits 76, a free restart;
+2. a pod is SIGTERMed while its workers are still importing: 75, free, and
+   the attempt does not count against the progress budget;
+3. one worker is SIGKILLed (a rank fails on its own) with no checkpoint since
+   the attempt started: 78 from its pod, 76 from the other, free restart but
+   counted;
+4. the next attempt starts at the same committed step with the budget (1)
+   spent: both pods exit 77 before starting torchrun and the JobSet fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jobs.k8s import render_run
+from jobs.k8s.attempts import RECORD, Budget
+from jobs.k8s.exitcodes import CRASH_LOOP, NETWORK_ENV, IMAGE_NETWORK_ENV, PEER_LOST, PREEMPTED, RANK_FAILED
+from tests.k8s_pods import committed_steps, local_pods, metric_steps, wait_for
+from tests.k8s_support import IMAGE, job_failure, jobset_action, load, run_toml, write_config
+
+FREE = "RestartJobSetAndIgnoreMaxRestarts"
+EXIT_TIMEOUT_S = 120  # a survivor notices a lost peer in seconds; generous for a loaded machine
+
+
+def _policies(jobset: dict) -> tuple[dict, dict]:
+    job = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+    return job, jobset["spec"]["failurePolicy"]
+
+
+def _verdict(jobset: dict, pod: str, code: int, conditions: tuple[str, ...] = ()) -> str:
+    """What the JobSet does when this pod's failure is the first the Job controller sees."""
+    job, failure_policy = _policies(jobset)
+    failed = job_failure(job, pod, code, conditions)
+    assert failed is not None, f"exit {code} must fail the Job (backoffLimit 0)"
+    return jobset_action(failure_policy, *failed)
+
+
+def test_rendered_policies_decide_each_exit_code(tmp_path):
+    render_run(write_config(tmp_path), 2, 1, IMAGE, tmp_path / "out", name="pol")
+    jobset = load(tmp_path / "out" / "jobset.yaml")
+    for code in (PREEMPTED, PEER_LOST, RANK_FAILED):
+        assert _verdict(jobset, "pol-node-0-1", code) == FREE, code
+    assert _verdict(jobset, "pol-node-0-1", CRASH_LOOP) == "FailJobSet"
+    # A lost node's pod: SIGKILL (137) plus the DisruptionTarget condition the node controller adds.
+    assert _verdict(jobset, "pol-node-0-1", 137, ("DisruptionTarget",)) == FREE
+    # What no pod explained counts against maxRestarts: the entrypoint crashed, a container OOM-kill, bad setup.
+    for code in (1, 2, 137):
+        assert _verdict(jobset, "pol-node-0-1", code) == "RestartJobSet", code
+    # The crash-loop rule must outrank DisruptionTarget (a pod can carry both) and match on the code alone.
+    assert _verdict(jobset, "pol-node-0-0", CRASH_LOOP, ("DisruptionTarget",)) == "FailJobSet"
+
+
+def test_progress_budget_counts_attempts_without_a_new_checkpoint(tmp_path):
+    run_dir, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoint"
+
+    def budget(attempt: int) -> Budget:
+        return Budget(run_dir, str(ckpt), limit=2, attempt=str(attempt))
+
+    assert budget(0).start() == (0, [])
+    assert budget(0).start() == (0, [])  # the other pod of the same attempt: counted once
+    assert budget(1).start() == (0, ["0"])
+    budget(1).forgive()  # preempted: not the run's fault
+    assert budget(2).start() == (0, ["0"])
+    assert budget(3).start() == (0, ["0", "2"]) and budget(3).exhausted(["0", "2"])
+    # A committed checkpoint is progress: every earlier failure is forgotten.
+    (ckpt / "step-5").mkdir(parents=True)
+    (ckpt / "step-5" / "COMMITTED").write_text(json.dumps({"step": 5, "files": {}}))
+    assert budget(4).start() == (5, [])
+    assert json.loads((run_dir / RECORD).read_text()) == {"step": 5, "attempts": ["4"]}
+    # A half-written checkpoint is not progress (the trainer would not resume from it).
+    (ckpt / "step-10").mkdir()
+    assert budget(5).start() == (5, ["4"])
+
+
+def test_entrypoint_runs_as_main_without_a_runtime_warning(tmp_path):
+    """``python -m jobs.k8s.entrypoint`` must not find itself already imported (manifests.py used to)."""
+    env = {**os.environ, NETWORK_ENV: "efa", IMAGE_NETWORK_ENV: "tcp", "PYTHONWARNINGS": "error::RuntimeWarning"}
+    proc = subprocess.run([sys.executable, "-m", "jobs.k8s.entrypoint", "--standalone", "x.py"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr  # the setup error, reached without importing torch
+    assert "RuntimeWarning" not in proc.stderr and "built with NETWORK=tcp" in proc.stderr
+
+
+@pytest.mark.slow
+def test_each_failure_gives_its_exit_code_and_the_policy_charges_only_a_crash_loop(tmp_path):
+    config = tmp_path / "fail.toml"
+    # Never finishes on its own; a committed checkpoint every 5 steps.
+    config.write_text(run_toml(steps=100_000, checkpoint="interval = 5") + "[metrics]\nlog_freq = 1\n")
+    pods = local_pods(tmp_path, config, "fail", crash_loop_limit=1)
+    jobset = load(tmp_path / "manifests-fail" / "jobset.yaml")
+    run_dir = pods.runs / "fail"
+    ckpt, metrics, record = run_dir / "checkpoint", run_dir / "metrics.jsonl", run_dir / RECORD
+    pod = ["fail-node-0-0", "fail-node-0-1"]
+    times = {}
+    try:
+        # 1. A lost node after progress: the survivor says "peer lost".
+        t0 = time.monotonic()
+        pods.start(generation=1)
+        wait_for(lambda: 5 in committed_steps(ckpt) and len(metric_steps(metrics)) >= 6, pods,
+                 "a committed checkpoint at step 5 and step 6")
+        times["1 start to step 6"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        pods.kill_pod(1)
+        assert pods.wait_pod(0, EXIT_TIMEOUT_S) == PEER_LOST, pods.output()
+        times["1 node loss to survivor exit"] = time.monotonic() - t0
+        assert "lost a peer" in pods.logs[0].read_text()
+        assert _verdict(jobset, pod[0], PEER_LOST) == FREE
+        seen = len(metric_steps(metrics))
+
+        # 2. SIGTERM while the workers are still importing: a preemption, 75, not counted.
+        t0 = time.monotonic()
+        pods.start(generation=2)
+        wait_for(lambda: pods.workers(0) and pods.workers(1), pods, "the workers of both pods to start", 120)
+        pods.sigterm_pod(1)
+        assert pods.wait_pod(1, EXIT_TIMEOUT_S) == PREEMPTED, pods.output()
+        times["2 SIGTERM during import to exit"] = time.monotonic() - t0
+        assert _verdict(jobset, pod[1], PREEMPTED) == FREE
+        # FailJob: the Job controller deletes the other pod (SIGTERM to its PID 1): a preemption there too.
+        pods.sigterm_pod(0)
+        assert pods.wait_pod(0, EXIT_TIMEOUT_S) == PREEMPTED, pods.output()
+        assert len(metric_steps(metrics)) == seen, "no step was trained"
+        assert json.loads(record.read_text()) == {"step": 5, "attempts": []}, "a preemption is not counted"
+
+        # 3. A worker dies on its own, before the next checkpoint: 78 there, 76 on the other pod.
+        t0 = time.monotonic()
+        pods.start(generation=3)
+        wait_for(lambda: len(metric_steps(metrics)) > seen, pods, "the resumed run's first step")
+        times["3 start to first resumed step"] = time.monotonic() - t0
+        assert metric_steps(metrics)[seen]["step"] == 6  # resumed after the checkpoint of step 5
+        t0 = time.monotonic()
+        pods.kill_worker(1)
+        codes = [pods.wait_pod(0, EXIT_TIMEOUT_S), pods.wait_pod(1, EXIT_TIMEOUT_S)]
+        times["3 worker crash to both exits"] = time.monotonic() - t0
+        assert codes == [PEER_LOST, RANK_FAILED], pods.output()
+        assert max(committed_steps(ckpt)) == 5, "the test needs an attempt without progress"
+        for name, code in zip(pod, codes):
+            assert _verdict(jobset, name, code) == FREE
+        assert json.loads(record.read_text()) == {"step": 5, "attempts": ["2"]}
+        seen = len(metric_steps(metrics))
+
+        # 4. The next attempt starts at the same step with the budget spent: a crash loop, the JobSet fails.
+        t0 = time.monotonic()
+        pods.start(generation=4)
+        codes = [pods.wait_pod(0, EXIT_TIMEOUT_S), pods.wait_pod(1, EXIT_TIMEOUT_S)]
+        times["4 start to crash-loop exit"] = time.monotonic() - t0
+        assert codes == [CRASH_LOOP, CRASH_LOOP], pods.output()
+        assert "crash loop: attempts 2 all ended without a new committed checkpoint" in pods.logs[0].read_text()
+        assert len(metric_steps(metrics)) == seen
+        for name in pod:
+            assert _verdict(jobset, name, CRASH_LOOP) == "FailJobSet"
+    finally:
+        pods.terminate_all()
+        print("timings (s):", {k: round(v, 1) for k, v in times.items()})
