@@ -92,6 +92,9 @@ class LocalPods:
         # One pass, so a local path (under /tmp itself) is not rewritten again by the /tmp mount.
         paths = "|".join(re.escape(m) for m in sorted(mounts, key=len, reverse=True))
         script = re.sub(rf"(?<=[\s=])({paths})(?=[/\s]|$)", lambda m: mounts[m.group(1)], script)
+
+        def local(value: str) -> str:  # a container path in an env value (e.g. /runs/<run>/checkpoint)
+            return re.sub(rf"^({paths})(?=/|$)", lambda m: mounts[m.group(1)], value)
         env = {
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",  # the image's PATH starts with its venv
             "HOME": os.environ.get("HOME", "/root"),
@@ -100,7 +103,7 @@ class LocalPods:
         }
         for item in self.container["env"]:
             if "value" in item:
-                env[item["name"]] = mounts.get(item["value"], item["value"])  # HOME=/tmp: the pod's emptyDir
+                env[item["name"]] = local(item["value"])  # HOME=/tmp: the pod's emptyDir
                 continue
             field = item["valueFrom"].get("fieldRef", {}).get("fieldPath")
             if field == f"metadata.annotations['{ATTEMPT_ANNOTATION}']":
@@ -164,8 +167,7 @@ class LocalPods:
 
     def kill_pod(self, index: int) -> None:
         """A lost node: every process of the pod dies at once."""
-        signal_group(self.procs[index], signal.SIGKILL)
-        self.procs[index].wait()
+        kill_tree(self.procs[index])
 
     def terminate_all(self) -> None:
         """Pod deletion: SIGTERM to PID 1 (the entrypoint), SIGKILL of what is left after the grace period."""
@@ -178,8 +180,7 @@ class LocalPods:
                 proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-            signal_group(proc, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)
 
     def output(self) -> str:
         return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-4000:]}" for p in self.logs)
@@ -190,11 +191,29 @@ class LocalPods:
                 pytest.fail(f"pod {i} exited with {proc.returncode} before the test was done:\n{self.output()}")
 
 
-def signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # the group this test created for the pod
-    except ProcessLookupError:
-        pass
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a pod's every process, as the end of its container does.
+
+    Not just the pod's process group: torchrun starts each worker in a session
+    of its own, so a group kill would leave the workers training.  The tree is
+    stopped first, so that nothing forks between the listing and the kill.
+    """
+    if proc.poll() is None:
+        tree, todo = [], [proc.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+            tree.append(pid)
+            todo += child_pids(pid)
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    proc.wait()
 
 
 def committed_steps(folder: Path) -> list[int]:
@@ -217,7 +236,7 @@ def wait_for(condition, pods: LocalPods, what: str, timeout_s: float = START_TIM
         if value:
             return value
         pods.assert_running()
-        time.sleep(1.0)
+        time.sleep(0.2)
     pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}:\n{pods.output()}")
 
 

@@ -99,8 +99,8 @@ def test_entrypoint_runs_as_main_without_a_runtime_warning(tmp_path):
 @pytest.mark.slow
 def test_each_failure_gives_its_exit_code_and_the_policy_charges_only_a_crash_loop(tmp_path):
     config = tmp_path / "fail.toml"
-    # Never finishes on its own; a committed checkpoint every 5 steps.
-    config.write_text(run_toml(steps=100_000, checkpoint="interval = 5") + "[metrics]\nlog_freq = 1\n")
+    # Never finishes on its own; a committed checkpoint every 10 steps.
+    config.write_text(run_toml(steps=100_000, checkpoint="interval = 10") + "[metrics]\nlog_freq = 1\n")
     pods = local_pods(tmp_path, config, "fail", crash_loop_limit=1)
     jobset = load(tmp_path / "manifests-fail" / "jobset.yaml")
     run_dir = pods.runs / "fail"
@@ -111,19 +111,21 @@ def test_each_failure_gives_its_exit_code_and_the_policy_charges_only_a_crash_lo
         # 1. A lost node after progress: the survivor says "peer lost".
         t0 = time.monotonic()
         pods.start(generation=1)
-        wait_for(lambda: 5 in committed_steps(ckpt) and len(metric_steps(metrics)) >= 6, pods,
-                 "a committed checkpoint at step 5 and step 6")
-        times["1 start to step 6"] = time.monotonic() - t0
+        wait_for(lambda: 10 in committed_steps(ckpt) and len(metric_steps(metrics)) >= 11, pods,
+                 "a committed checkpoint at step 10 and step 11")
+        times["1 start to step 11"] = time.monotonic() - t0
         t0 = time.monotonic()
         pods.kill_pod(1)
         assert pods.wait_pod(0, EXIT_TIMEOUT_S) == PEER_LOST, pods.output()
         times["1 node loss to survivor exit"] = time.monotonic() - t0
         assert "lost a peer" in pods.logs[0].read_text()
         assert _verdict(jobset, pod[0], PEER_LOST) == FREE
-        seen = len(metric_steps(metrics))
+
+        def rows_since(since: float) -> list[dict]:  # the trainer's metrics.jsonl rows, by wall clock
+            return [row for row in metric_steps(metrics) if row["time"] >= since]
 
         # 2. SIGTERM while the workers are still importing: a preemption, 75, not counted.
-        t0 = time.monotonic()
+        t0, gen2 = time.monotonic(), time.time()
         pods.start(generation=2)
         wait_for(lambda: pods.workers(0) and pods.workers(1), pods, "the workers of both pods to start", 120)
         pods.sigterm_pod(1)
@@ -133,34 +135,33 @@ def test_each_failure_gives_its_exit_code_and_the_policy_charges_only_a_crash_lo
         # FailJob: the Job controller deletes the other pod (SIGTERM to its PID 1): a preemption there too.
         pods.sigterm_pod(0)
         assert pods.wait_pod(0, EXIT_TIMEOUT_S) == PREEMPTED, pods.output()
-        assert len(metric_steps(metrics)) == seen, "no step was trained"
-        assert json.loads(record.read_text()) == {"step": 5, "attempts": []}, "a preemption is not counted"
+        assert rows_since(gen2) == [], "no step was trained"
+        assert json.loads(record.read_text()) == {"step": 10, "attempts": []}, "a preemption is not counted"
 
         # 3. A worker dies on its own, before the next checkpoint: 78 there, 76 on the other pod.
-        t0 = time.monotonic()
+        t0, gen3 = time.monotonic(), time.time()
         pods.start(generation=3)
-        wait_for(lambda: len(metric_steps(metrics)) > seen, pods, "the resumed run's first step")
+        wait_for(lambda: rows_since(gen3), pods, "the resumed run's first step")
         times["3 start to first resumed step"] = time.monotonic() - t0
-        assert metric_steps(metrics)[seen]["step"] == 6  # resumed after the checkpoint of step 5
+        assert rows_since(gen3)[0]["step"] == 11  # resumed after the checkpoint of step 10
         t0 = time.monotonic()
         pods.kill_worker(1)
         codes = [pods.wait_pod(0, EXIT_TIMEOUT_S), pods.wait_pod(1, EXIT_TIMEOUT_S)]
         times["3 worker crash to both exits"] = time.monotonic() - t0
         assert codes == [PEER_LOST, RANK_FAILED], pods.output()
-        assert max(committed_steps(ckpt)) == 5, "the test needs an attempt without progress"
+        assert max(committed_steps(ckpt)) == 10, "the test needs an attempt without progress"
         for name, code in zip(pod, codes):
             assert _verdict(jobset, name, code) == FREE
-        assert json.loads(record.read_text()) == {"step": 5, "attempts": ["2"]}
-        seen = len(metric_steps(metrics))
+        assert json.loads(record.read_text()) == {"step": 10, "attempts": ["2"]}
 
         # 4. The next attempt starts at the same step with the budget spent: a crash loop, the JobSet fails.
-        t0 = time.monotonic()
+        t0, gen4 = time.monotonic(), time.time()
         pods.start(generation=4)
         codes = [pods.wait_pod(0, EXIT_TIMEOUT_S), pods.wait_pod(1, EXIT_TIMEOUT_S)]
         times["4 start to crash-loop exit"] = time.monotonic() - t0
         assert codes == [CRASH_LOOP, CRASH_LOOP], pods.output()
         assert "crash loop: attempts 2 all ended without a new committed checkpoint" in pods.logs[0].read_text()
-        assert len(metric_steps(metrics)) == seen
+        assert rows_since(gen4) == []
         for name in pod:
             assert _verdict(jobset, name, CRASH_LOOP) == "FailJobSet"
     finally:
