@@ -85,6 +85,9 @@ def test_progress_budget_counts_attempts_without_a_new_checkpoint(tmp_path):
     # A half-written checkpoint is not progress (the trainer would not resume from it).
     (ckpt / "step-10").mkdir()
     assert budget(5).start() == (5, ["4"])
+    # A damaged record starts the count afresh instead of failing every pod.
+    (run_dir / RECORD).write_text('{"step": 5, "attem')
+    assert budget(6).start() == (5, [])
 
 
 def test_entrypoint_runs_as_main_without_a_runtime_warning(tmp_path):
@@ -167,3 +170,35 @@ def test_each_failure_gives_its_exit_code_and_the_policy_charges_only_a_crash_lo
     finally:
         pods.terminate_all()
         print("timings (s):", {k: round(v, 1) for k, v in times.items()})
+
+
+def test_worker_tells_a_lost_peer_from_its_own_failure(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from jobs.k8s.worker import lost_peer, main
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4711")
+    nccl = dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:3356, remote process exited or there was a "
+                                 "network error, NCCL version 2.27.3")
+    for exc in (ConnectionResetError(104, "Connection reset by peer"), gloo, nccl,
+                dist.DistNetworkError("failed to recv, got 0 bytes"), dist.DistStoreError("wait timeout")):
+        assert lost_peer(exc), exc
+    chained = ValueError("while reducing")
+    chained.__cause__ = ConnectionResetError()
+    assert lost_peer(chained)
+    for exc in (ValueError("bad shape"), RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                KeyError("tok_embeddings.weight"), dist.DistBackendError("NCCL error: unhandled cuda error")):
+        assert not lost_peer(exc), exc
+
+    # The wrapper itself: a module run as __main__, its status kept, a lost peer mapped to 76.
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, body in (("peer_gone", "raise ConnectionResetError(104, 'Connection reset by peer')"),
+                       ("own_bug", "raise ValueError('bad shape')"),
+                       ("preempted", "import sys\nif __name__ == '__main__':\n    sys.exit(75)")):
+        (tmp_path / f"{name}.py").write_text(body + "\n")
+    assert main(["peer_gone"]) == PEER_LOST
+    with pytest.raises(ValueError, match="bad shape"):
+        main(["own_bug"])
+    with pytest.raises(SystemExit) as stopped:
+        main(["preempted", "--flag"])
+    assert stopped.value.code == PREEMPTED

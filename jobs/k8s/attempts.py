@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +67,15 @@ class Budget:
 
     def _read(self) -> dict:
         try:
-            return json.loads(self.record.read_text())
+            data = json.loads(self.record.read_text())
         except FileNotFoundError:
             return {}
+        except (OSError, ValueError) as exc:
+            # A damaged record must not turn into an unexplained failure of every pod:
+            # start counting afresh (the worst case is one more attempt before a crash loop ends).
+            print(f"[entrypoint] warning: ignoring unreadable {self.record}: {exc}", file=sys.stderr, flush=True)
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def _write(self, data: dict) -> None:
         # Unique temp name per process: several pods write the same (idempotent) content.
