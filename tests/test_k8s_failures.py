@@ -29,7 +29,7 @@ import pytest
 
 from jobs.k8s import render_run
 from jobs.k8s.attempts import RECORD, Budget
-from jobs.k8s.exitcodes import CRASH_LOOP, NETWORK_ENV, IMAGE_NETWORK_ENV, PEER_LOST, PREEMPTED, RANK_FAILED
+from jobs.k8s.exitcodes import CRASH_LOOP, IMAGE_NETWORK_ENV, NETWORK_ENV, PEER_LOST, PREEMPTED, RANK_FAILED
 from tests.k8s_pods import committed_steps, local_pods, metric_steps, wait_for
 from tests.k8s_support import IMAGE, job_failure, jobset_action, load, run_toml, write_config
 

@@ -16,8 +16,6 @@ covers what each kind of failure costs.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from jobs.k8s.exitcodes import PREEMPTED as PREEMPTED_EXIT_CODE
