@@ -29,9 +29,20 @@ import pytest
 
 from jobs.k8s import render_run
 from jobs.k8s.attempts import RECORD, Budget
-from jobs.k8s.exitcodes import CRASH_LOOP, IMAGE_NETWORK_ENV, NETWORK_ENV, PEER_LOST, PREEMPTED, RANK_FAILED
+from jobs.k8s.exitcodes import (
+    ATTEMPT_ENV,
+    CHECKPOINT_DIR_ENV,
+    CRASH_LOOP,
+    CRASH_LOOP_LIMIT_ENV,
+    IMAGE_NETWORK_ENV,
+    NETWORK_ENV,
+    PEER_LOST,
+    PREEMPTED,
+    RANK_FAILED,
+    RUN_DIR_ENV,
+)
 from tests.k8s_pods import committed_steps, local_pods, metric_steps, wait_for
-from tests.k8s_support import IMAGE, job_failure, jobset_action, load, run_toml, write_config
+from tests.k8s_support import IMAGE, job_failure, jobset_action, load, run_toml, trainer_pod, write_config
 
 FREE = "RestartJobSetAndIgnoreMaxRestarts"
 EXIT_TIMEOUT_S = 120  # a survivor notices a lost peer in seconds; generous for a loaded machine
@@ -63,6 +74,23 @@ def test_rendered_policies_decide_each_exit_code(tmp_path):
         assert _verdict(jobset, "pol-node-0-1", code) == "RestartJobSet", code
     # The crash-loop rule must outrank DisruptionTarget (a pod can carry both) and match on the code alone.
     assert _verdict(jobset, "pol-node-0-0", CRASH_LOOP, ("DisruptionTarget",)) == "FailJobSet"
+
+
+def test_crash_loop_limit_reaches_the_entrypoint_and_is_checked(tmp_path, capsys):
+    from jobs.k8s.cli import main as k8s_main
+
+    argv = ["render", str(write_config(tmp_path)), "--nodes", "2", "--gpus-per-node", "1", "--image", IMAGE]
+    assert k8s_main([*argv, "--out", str(tmp_path / "ok"), "--crash-loop-limit", "5"]) == 0
+    (container,) = trainer_pod(load(tmp_path / "ok" / "jobset.yaml"))["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[CRASH_LOOP_LIMIT_ENV]["value"] == "5"
+    assert env[RUN_DIR_ENV]["value"] == "/runs/tiny-moe"
+    assert env[CHECKPOINT_DIR_ENV]["value"] == "/runs/tiny-moe/checkpoint"
+    assert env[ATTEMPT_ENV]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.annotations['jobset.sigs.k8s.io/restart-attempt']"}}
+    assert k8s_main([*argv, "--out", str(tmp_path / "bad"), "--crash-loop-limit", "0"]) != 0
+    assert "--crash-loop-limit: must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_progress_budget_counts_attempts_without_a_new_checkpoint(tmp_path):
