@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -230,3 +231,34 @@ def test_worker_tells_a_lost_peer_from_its_own_failure(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as stopped:
         main(["preempted", "--flag"])
     assert stopped.value.code == PREEMPTED
+
+
+def test_sigterm_while_waiting_at_the_rendezvous_exits_75_at_once(tmp_path):
+    """Node rank 1 waits in C++ for pod 0's store; the SIGTERM must not wait for that to give up."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, RUN_DIR_ENV: str(run_dir), CHECKPOINT_DIR_ENV: str(run_dir / "checkpoint"),
+           CRASH_LOOP_LIMIT_ENV: "3", ATTEMPT_ENV: "0"}
+    with socket.socket() as s:  # a port nobody listens on: pod 0 never comes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "jobs.k8s.entrypoint", "--nnodes=2", "--nproc_per_node=1", "--node_rank=1",
+            "--rdzv_backend=static", "--master_addr=127.0.0.1", f"--master_port={port}", "--rdzv_conf=timeout=300",
+            "--max_restarts=0", "-m", "jobs.k8s.worker", "titan_moe.train"]
+    log = tmp_path / "log.txt"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        maps = f"/proc/{proc.pid}/maps"
+        deadline = time.monotonic() + 180
+        while "libtorch_python" not in open(maps).read():  # torch imported: torchrun is next
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        time.sleep(3)  # into the rendezvous wait
+        proc.terminate()
+        assert proc.wait(timeout=15) == PREEMPTED, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "SIGTERM before any worker started" in log.read_text()
+    assert json.loads((run_dir / RECORD).read_text()) == {"step": 0, "attempts": []}, "a preemption is not counted"

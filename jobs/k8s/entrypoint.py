@@ -37,7 +37,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from jobs.k8s.attempts import Budget
@@ -75,40 +75,59 @@ def child_pids(parent: int | None = None) -> list[int]:
     return pids
 
 
-class PreemptedBeforeStart(Exception):
-    """SIGTERM before any worker existed: nothing to save, so stop at once (a preemption, status 75)."""
-
-
 class Forwarder:
     """Remembers the SIGTERM and hands it to every worker, including ones that start later.
 
+    Python runs signal handlers in the main thread only, between bytecodes, and
+    torchrun's rendezvous can hold the main thread inside C++ for minutes (a
+    node waiting for pod 0's store, up to ``--join-timeout``): measured, a
+    SIGTERM there was handled only when the wait gave up.  So the Python-level
+    handler does nothing, and the C-level one writes the signal number to a
+    wakeup pipe that a thread of its own watches.
+
     A SIGTERM that finds no worker (the pod is still importing torch, checking
-    its budget or waiting at the rendezvous) raises ``PreemptedBeforeStart`` in
-    the main thread: torchrun's own cleanup runs on the way out and the pod
-    exits 75 instead of sitting out the grace period until the kubelet's SIGKILL.
+    its budget or waiting at the rendezvous) has nothing to save: the pod
+    exits 75 at once, instead of sitting out the grace period until the
+    kubelet's SIGKILL.  ``on_early_stop`` runs first (the budget forgives the
+    attempt).
     """
 
     def __init__(self) -> None:
         self.since: float | None = None
         self.signalled: set[int] = set()
         self.workers_seen = False
-        # Re-entrant: a second SIGTERM may land while the handler of the first holds it.
+        self.on_early_stop: Callable[[], None] = lambda: None
         self._lock = threading.RLock()
 
-    def on_sigterm(self, signum: int, frame: object) -> None:
-        first = self.since is None
-        if first:
-            self.since = time.monotonic()
-        sent = self.forward()
-        if first and not sent and not self.workers_seen:
-            log("SIGTERM before any worker started: nothing to save, stopping as preempted")
-            raise PreemptedBeforeStart()
-        if first:
-            log(f"SIGTERM: forwarded to worker(s) {sorted(sent)}; torchrun is left alone, so the workers "
-                f"have the pod's whole grace period to save and exit")
-            # Workers torchrun is still starting get it too (a worker that starts after
-            # this point has not trained a step yet and just exits).
-            threading.Thread(target=self._keep_forwarding, daemon=True).start()
+    def install(self) -> None:
+        read, write = os.pipe()
+        os.set_blocking(write, False)  # required by set_wakeup_fd: a signal handler must never block
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read,), daemon=True).start()
+
+    def _watch(self, read: int) -> None:
+        while True:
+            if signal.SIGTERM in os.read(read, 64):  # one byte per signal: its number
+                self.on_sigterm()
+
+    def on_sigterm(self) -> None:
+        with self._lock:
+            first = self.since is None
+            if first:
+                self.since = time.monotonic()
+            sent = self.forward()
+            if not first:
+                return
+            if not sent and not self.workers_seen:
+                log(f"SIGTERM before any worker started: nothing to save, exiting {PREEMPTED}")
+                self.on_early_stop()
+                os._exit(PREEMPTED)
+        log(f"SIGTERM: forwarded to worker(s) {sorted(sent)}; torchrun is left alone, so the workers "
+            f"have the pod's whole grace period to save and exit")
+        # Workers torchrun is still starting get it too (a worker that starts after
+        # this point has not trained a step yet and just exits).
+        threading.Thread(target=self._keep_forwarding, daemon=True).start()
 
     def forward(self) -> set[int]:
         with self._lock:
@@ -183,29 +202,26 @@ def check_memlock() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     forwarder = Forwarder()
-    signal.signal(signal.SIGTERM, forwarder.on_sigterm)
-    budget: Budget | None = None
-    try:
-        problem = network_mismatch()
-        if problem:
-            log(f"error: {problem}")
-            return SETUP_ERROR
-        check_memlock()
-        budget = Budget.from_env()
-        if budget is None:
-            log("no progress budget configured (not a rendered JobSet pod): crash loops are not detected")
-        else:
-            step, earlier = budget.start()
-            log(f"attempt {budget.attempt} starts at committed step {step}; {len(earlier)} earlier attempt(s) "
-                f"ended there without progress (crash-loop limit {budget.limit})")
-            if budget.exhausted(earlier):
-                log(f"crash loop: attempts {', '.join(earlier)} all ended without a new committed checkpoint "
-                    f"(limit {budget.limit}); not starting again, exiting {CRASH_LOOP}. Fix the cause, then "
-                    f"delete {budget.record} and re-create the JobSet")
-                return CRASH_LOOP
-        status = run_torchrun(argv, forwarder)
-    except PreemptedBeforeStart:
-        status = PREEMPTED
+    forwarder.install()
+    problem = network_mismatch()
+    if problem:
+        log(f"error: {problem}")
+        return SETUP_ERROR
+    check_memlock()
+    budget = Budget.from_env()
+    if budget is None:
+        log("no progress budget configured (not a rendered JobSet pod): crash loops are not detected")
+    else:
+        forwarder.on_early_stop = budget.forgive
+        step, earlier = budget.start()
+        log(f"attempt {budget.attempt} starts at committed step {step}; {len(earlier)} earlier attempt(s) "
+            f"ended there without progress (crash-loop limit {budget.limit})")
+        if budget.exhausted(earlier):
+            log(f"crash loop: attempts {', '.join(earlier)} all ended without a new committed checkpoint "
+                f"(limit {budget.limit}); not starting again, exiting {CRASH_LOOP}. Fix the cause, then "
+                f"delete {budget.record} and re-create the JobSet")
+            return CRASH_LOOP
+    status = run_torchrun(argv, forwarder)
     if status == PREEMPTED and budget is not None:
         budget.forgive()
     return status
@@ -232,8 +248,6 @@ def run_torchrun(argv: list[str], forwarder: Forwarder) -> int:
                 RANK_FAILED: "failed"}[status]
         log(f"workers {what} ({codes}); exiting {status}" + ("" if status == PREEMPTED else f"\n{exc}"))
         return status
-    except PreemptedBeforeStart:
-        raise
     except Exception as exc:
         # The agent itself failed: the rendezvous store reset or never answered means pod 0 is gone.
         if not lost_peer(exc):
