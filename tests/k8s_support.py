@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -146,3 +147,60 @@ def qos_class(pod: dict) -> str:
             if r not in limits or requests.get(r) != limits[r]:
                 guaranteed = False
     return "Guaranteed" if guaranteed else "Burstable" if any_set else "BestEffort"
+
+
+# -- failure policies, evaluated the way the controllers do --------------------------------
+# The Job controller (pkg/controller/job/pod_failure_policy.go, Kubernetes 1.31+): the rules
+# in order, the first match decides.  onExitCodes looks at terminated containers (the named
+# one, or any) with a non-zero code, operator In / NotIn; onPodConditions at the pod's
+# conditions.  FailJob fails the Job with reason PodFailurePolicy and the message below;
+# Ignore leaves the failure uncounted; Count or no matching rule counts it against
+# backoffLimit (exceeded: reason BackoffLimitExceeded).
+
+
+def pod_failure(policy: dict, pod_name: str, exit_code: int, conditions: tuple[str, ...] = (),
+                container: str = "trainer", namespace: str = "titan-moe") -> tuple[str, str | None]:
+    """(action, FailJob message) of a Job's ``podFailurePolicy`` for a pod whose one container exited."""
+    for index, rule in enumerate(policy["rules"]):
+        action = rule["action"]
+        on_codes = rule.get("onExitCodes")
+        if on_codes is not None:
+            if on_codes.get("containerName", container) != container or exit_code == 0:
+                continue
+            hit = exit_code in on_codes["values"]
+            if hit != (on_codes["operator"] == "In"):
+                continue
+            message = (f"Container {container} for pod {namespace}/{pod_name} failed with exit code "
+                       f"{exit_code} matching {action} rule at index {index}")
+            return action, message if action == "FailJob" else None
+        wanted = {c["type"] for c in rule.get("onPodConditions", []) if c.get("status", "True") == "True"}
+        for condition in conditions:
+            if condition in wanted:
+                message = f"Pod {namespace}/{pod_name} has condition {condition} matching {action} rule at index {index}"
+                return action, message if action == "FailJob" else None
+    return "Count", None
+
+
+def job_failure(job_spec: dict, pod_name: str, exit_code: int,
+                conditions: tuple[str, ...] = ()) -> tuple[str, str] | None:
+    """(reason, message) of the Job's Failed condition after this one pod failed; None if the Job lives on."""
+    action, message = pod_failure(job_spec["podFailurePolicy"], pod_name, exit_code, conditions)
+    if action == "FailJob":
+        assert message is not None
+        return "PodFailurePolicy", message
+    if action == "Count" and 1 > job_spec.get("backoffLimit", 6):
+        return "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+    return None
+
+
+def jobset_action(failure_policy: dict, reason: str, message: str) -> str:
+    """The JobSet controller's action for a failed Job: the first rule whose reason and message match."""
+    for rule in failure_policy.get("rules", []):
+        reasons, patterns = rule.get("onJobFailureReasons", []), rule.get("onJobFailureMessagePatterns", [])
+        if reasons and reason not in reasons:
+            continue
+        # Go's regexp.MatchString: an unanchored search (RE2 syntax; these patterns are plain text).
+        if patterns and not any(re.search(p, message) for p in patterns):
+            continue
+        return rule["action"]
+    return "RestartJobSet"

@@ -14,7 +14,9 @@ import time
 import pytest
 
 from jobs.k8s import render_run
-from jobs.k8s.entrypoint import IMAGE_NETWORK_ENV, NETWORK_ENV, PREEMPTED_EXIT_CODE, exit_status, network_mismatch
+from jobs.k8s.entrypoint import exit_status, network_mismatch
+from jobs.k8s.exitcodes import IMAGE_NETWORK_ENV, NETWORK_ENV, PEER_LOST, RANK_FAILED
+from jobs.k8s.exitcodes import PREEMPTED as PREEMPTED_EXIT_CODE
 from jobs.k8s.options import CACHE_LIMIT_FRACTION, TEARDOWN_MARGIN_S, RenderOptions
 from jobs.k8s.prep import PrepSpec, build
 from tests.k8s_support import IMAGE, load, pod_specs, qos_class, restricted_violations, trainer_pod, write_config
@@ -182,21 +184,16 @@ def test_rendered_trainer_flags_reach_the_trainer_config(tmp_path):
     assert pod["terminationGracePeriodSeconds"] == 172 + TEARDOWN_MARGIN_S
 
 
-def test_exit_code_75_restarts_without_counting(tmp_path):
-    jobset = _render(tmp_path)["jobset.yaml"]
-    job = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
-    rules = job["podFailurePolicy"]["rules"]
-    assert {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]}} in rules
-    # FailJob sets reason PodFailurePolicy, which this rule restarts for free.
-    (rule,) = jobset["spec"]["failurePolicy"]["rules"]
-    assert (rule["action"], rule["onJobFailureReasons"]) == ("RestartJobSetAndIgnoreMaxRestarts", ["PodFailurePolicy"])
-
-
 def test_exit_status_mapping():
     assert exit_status([75, 75]) == 75
     assert exit_status([75, -15]) == 75  # torchrun SIGTERMs the rest once one worker has exited
-    assert exit_status([75, 1]) == 1  # a crash is a crash, even next to a preempted rank
-    assert exit_status([1]) == 1 and exit_status([-9]) == 137 and exit_status([-15, 3]) == 3
+    assert exit_status([-15, -15], sigterm=True) == 75  # forwarded SIGTERM while still importing
+    assert exit_status([76, -15], sigterm=True) == 75  # a peer pod stopped during its start-up
+    assert exit_status([76, -15]) == exit_status([76]) == PEER_LOST
+    # A crash is a crash, even next to a preempted or peer-less rank, and so is a signal other than SIGTERM.
+    for codes in ([75, 1], [76, 1], [1], [-9], [-6, 76], [2]):
+        assert exit_status(codes) == RANK_FAILED, codes
+        assert exit_status(codes, sigterm=True) == RANK_FAILED, codes
 
 
 def test_image_built_for_another_network_is_refused(monkeypatch):

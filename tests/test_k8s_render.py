@@ -131,10 +131,12 @@ def test_failure_policy_is_paired_with_the_pod_failure_policy(rendered):
     policy = jobset["spec"]["failurePolicy"]
     assert policy["restartStrategy"] == "BlockingRecreate"
     assert policy["maxRestarts"] == RenderOptions().max_restarts
-    (rule,) = policy["rules"]
-    assert rule["action"] == "RestartJobSetAndIgnoreMaxRestarts"
-    # The reason the Job controller sets when a podFailurePolicy FailJob rule fires.
-    assert rule["onJobFailureReasons"] == ["PodFailurePolicy"]
+    # The reason the Job controller sets when a podFailurePolicy FailJob rule fires; the crash loop
+    # is told apart by the controller's message (tests/test_k8s_failures.py evaluates both policies).
+    assert [(r["name"], r["action"], r["onJobFailureReasons"]) for r in policy["rules"]] == [
+        ("CrashLoop", "FailJobSet", ["PodFailurePolicy"]),
+        ("RestartWithoutCounting", "RestartJobSetAndIgnoreMaxRestarts", ["PodFailurePolicy"]),
+    ]
 
     (rjob,) = jobset["spec"]["replicatedJobs"]
     job = rjob["template"]["spec"]
@@ -142,9 +144,10 @@ def test_failure_policy_is_paired_with_the_pod_failure_policy(rendered):
     assert (job["completionMode"], job["completions"], job["parallelism"]) == ("Indexed", 4, 4)
     assert job["backoffLimit"] == 0
     assert job["podFailurePolicy"]["rules"] == [
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [77]}},
         {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        # The trainer's exit status after a preemption save, passed on by the entrypoint.
-        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]}},
+        # The entrypoint's preempted / peer lost / rank failed.
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75, 76, 78]}},
     ]
     # podFailurePolicy is only allowed (and only meaningful) with restartPolicy Never.
     assert job["template"]["spec"]["restartPolicy"] == "Never"
@@ -183,7 +186,8 @@ def test_static_rendezvous_at_pod_zero_and_torchrun_shape(rendered):
     assert _flag(words, "--max_restarts") == "0"  # restarts are the JobSet's
     assert _flag(words, "--nnodes") == "4"
     assert _flag(words, "--nproc_per_node") == "8"
-    assert _flag(words, "-m") == "titan_moe.train"
+    assert _flag(words, "-m") == "jobs.k8s.worker"  # runs the trainer, telling a lost peer from a failure
+    assert words[words.index("jobs.k8s.worker") + 1] == "titan_moe.train"
     assert _flag(words, "--job.config_file") == "/config/run.toml"
 
     (container,) = trainer_pod(jobset)["containers"]

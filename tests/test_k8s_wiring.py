@@ -1,13 +1,8 @@
 """The rendered JobSet's command really starts a multi-node run, survives preemption, and resumes.
 
-No cluster here, so these tests play the controllers: they take the trainer
-container's command and environment from the rendered JobSet, and supply
-what Kubernetes would -- the completion index (Job controller), pod 0's DNS
-name resolving to 127.0.0.1 (JobSet's headless Service), the ConfigMap, the
-shared run volume and a fresh emptyDir per pod (kubelet), the Secret's
-values -- then start each "pod" as its own local process group, on CPU with
-one process each.  Pods get a fresh rendezvous port per generation because
-here they share one network namespace (on a cluster each pod has its own).
+The pods run as local process groups from the rendered command and environment
+(``tests/k8s_pods.py`` plays the controllers).  ``tests/test_k8s_failures.py``
+covers what each kind of failure costs.
 
 * Preemption: SIGTERM to one pod's PID 1 (the entrypoint), as the kubelet
   sends it; both pods must end with status 75 (what the podFailurePolicy
@@ -21,200 +16,11 @@ here they share one network namespace (on a cluster each pod has its own).
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 
-from jobs.k8s import render_run
-from jobs.k8s.entrypoint import PREEMPTED_EXIT_CODE
-from jobs.k8s.manifests import CONFIG_KEY
-from jobs.k8s.options import RDZV_PORT
-from tests.k8s_support import IMAGE, load, run_toml, trainer_pod
-
-VENV_BIN = Path(sys.executable).parent
-SECRET = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret"}  # S3_ENDPOINT_URL: optional
-START_TIMEOUT_S = 420  # two torch imports + rendezvous on a busy 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalPods:
-    """Run the rendered trainer pods as local process groups."""
-
-    def __init__(self, jobset: dict, configmap: dict, root: Path):
-        self.root = root
-        pod = trainer_pod(jobset)
-        (self.container,) = pod["containers"]
-        self.volumes = {v["name"]: v for v in pod["volumes"]}
-        self.nodes = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["completions"]
-        self.grace_s = pod["terminationGracePeriodSeconds"]
-        name = jobset["metadata"]["name"]
-        # What the JobSet's headless Service resolves for the completion-index-0 pod.
-        self.leader = f"--master_addr={name}-node-0-0.{jobset['spec']['network']['subdomain']}"
-        (self.script,) = self.container["args"]
-        assert self.leader in self.script and f"--master_port={RDZV_PORT}" in self.script
-        # The ConfigMap, as the kubelet would project it.
-        self.config_dir = root / f"configmap-{name}"
-        self.config_dir.mkdir()
-        for key, text in configmap["data"].items():
-            (self.config_dir / key).write_text(text)
-        self.runs = root / "runs"  # the ReadWriteMany claim: shared by every pod, generation and run
-        self.runs.mkdir(exist_ok=True)
-        self.name = name
-        self.procs: list[subprocess.Popen] = []
-        self.logs: list[Path] = []
-
-    def _volume_path(self, mount: dict, pod_dir: Path) -> str | None:
-        volume = self.volumes[mount["name"]]
-        if "configMap" in volume:
-            return str(self.config_dir)
-        if "persistentVolumeClaim" in volume:
-            return str(self.runs)
-        if volume.get("emptyDir", {}).get("medium") == "Memory":
-            return None  # /dev/shm: this machine's own
-        path = pod_dir / mount["name"]  # a plain emptyDir: fresh for every pod
-        path.mkdir()
-        return str(path)
-
-    def _command_and_env(self, index: int, port: int, pod_dir: Path) -> tuple[str, dict]:
-        script = self.script.replace(self.leader, "--master_addr=127.0.0.1")
-        script = script.replace(f"--master_port={RDZV_PORT}", f"--master_port={port}")
-        mounts = {}
-        for mount in self.container["volumeMounts"]:
-            local = self._volume_path(mount, pod_dir)
-            if local is not None:
-                mounts[mount["mountPath"]] = local
-        # One pass, so a local path (under /tmp itself) is not rewritten again by the /tmp mount.
-        paths = "|".join(re.escape(m) for m in sorted(mounts, key=len, reverse=True))
-        script = re.sub(rf"(?<=[\s=])({paths})(?=[/\s]|$)", lambda m: mounts[m.group(1)], script)
-        env = {
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",  # the image's PATH starts with its venv
-            "HOME": os.environ.get("HOME", "/root"),
-            "OMP_NUM_THREADS": "1",  # two "nodes" share two cores here
-            "JOB_COMPLETION_INDEX": str(index),  # set by the Job controller on Indexed Jobs
-        }
-        for item in self.container["env"]:
-            if "value" in item:
-                env[item["name"]] = mounts.get(item["value"], item["value"])  # HOME=/tmp: the pod's emptyDir
-                continue
-            ref = item["valueFrom"]["secretKeyRef"]
-            if ref["key"] in SECRET:
-                env[item["name"]] = SECRET[ref["key"]]
-            else:
-                assert ref.get("optional"), f"secret key {ref['key']} is required but the test Secret lacks it"
-        return script, env
-
-    def start(self, generation: int) -> None:
-        port = _free_port()
-        self.procs, self.logs = [], []
-        for index in range(self.nodes):
-            pod_dir = self.root / f"{self.name}-gen{generation}-pod{index}"
-            pod_dir.mkdir()
-            script, env = self._command_and_env(index, port, pod_dir)
-            log = pod_dir / "log.txt"
-            with open(log, "wb") as f:
-                proc = subprocess.Popen(
-                    [*self.container["command"], script],
-                    env=env,
-                    cwd=pod_dir,
-                    stdout=f,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # one process group per pod, like a container
-                )
-            self.procs.append(proc)
-            self.logs.append(log)
-
-    def sigterm_pod(self, index: int) -> None:
-        """What the kubelet does first when it takes a pod away: SIGTERM to PID 1 only."""
-        self.procs[index].send_signal(signal.SIGTERM)
-
-    def wait_all(self, timeout_s: float) -> list[int]:
-        """Exit statuses of every pod; fail if one outlives ``timeout_s`` (the kubelet would SIGKILL it)."""
-        deadline = time.monotonic() + timeout_s
-        for i, proc in enumerate(self.procs):
-            try:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"pod {i} still running after the {timeout_s:.0f}s grace period:\n{self.output()}")
-        return [proc.returncode for proc in self.procs]
-
-    def kill_pod(self, index: int) -> None:
-        """A lost node: every process of the pod dies at once."""
-        _signal_group(self.procs[index], signal.SIGKILL)
-        self.procs[index].wait()
-
-    def terminate_all(self) -> None:
-        """Pod deletion: SIGTERM to PID 1 (the entrypoint), SIGKILL of what is left after the grace period."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
-
-    def output(self) -> str:
-        return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-4000:]}" for p in self.logs)
-
-    def assert_running(self) -> None:
-        for i, proc in enumerate(self.procs):
-            if proc.poll() is not None:
-                pytest.fail(f"pod {i} exited with {proc.returncode} before the test was done:\n{self.output()}")
-
-
-def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # the group this test created for the pod
-    except ProcessLookupError:
-        pass
-
-
-def committed_steps(folder: Path) -> list[int]:
-    """Checkpoint steps that a resume may load (the trainer's own definition)."""
-    from titan_moe.checkpoint import catalog
-
-    return [info.step for info in catalog.list_checkpoints(str(folder)) if info.loadable]
-
-
-def metric_steps(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
-
-
-def _wait_for(condition, pods: LocalPods, what: str, timeout_s: float = START_TIMEOUT_S):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        pods.assert_running()
-        time.sleep(1.0)
-    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}:\n{pods.output()}")
-
-
-def _local_pods(tmp_path: Path, config: Path, name: str) -> LocalPods:
-    out = tmp_path / f"manifests-{name}"
-    render_run(config, 2, 1, IMAGE, out, name=name)
-    jobset, configmap = load(out / "jobset.yaml"), load(out / "configmap.yaml")
-    assert CONFIG_KEY in configmap["data"]
-    return LocalPods(jobset, configmap, tmp_path)
+from jobs.k8s.exitcodes import PREEMPTED as PREEMPTED_EXIT_CODE
+from tests.k8s_pods import committed_steps, local_pods, metric_steps, wait_for
+from tests.k8s_support import run_toml
 
 
 def _losses(rows: list[dict]) -> dict[int, float]:
@@ -227,11 +33,11 @@ def test_sigterm_to_one_pod_saves_exits_75_and_the_restart_repeats_an_uninterrup
     # so a committed checkpoint can only come from the preemption save.
     config = tmp_path / "preempt.toml"
     config.write_text(run_toml(steps=100_000) + "[metrics]\nlog_freq = 1\n")
-    pods = _local_pods(tmp_path, config, "preempt")
+    pods = local_pods(tmp_path, config, "preempt")
     ckpt, metrics = pods.runs / "preempt" / "checkpoint", pods.runs / "preempt" / "metrics.jsonl"
     try:
         pods.start(generation=1)
-        _wait_for(lambda: len(metric_steps(metrics)) >= 3, pods, "three training steps")
+        wait_for(lambda: len(metric_steps(metrics)) >= 3, pods, "three training steps")
         # The kubelet SIGTERMs one pod (its node is reclaimed); the other learns of it from the
         # trainer's per-step agreement.  Both must be done within the pod's grace period.
         pods.sigterm_pod(1)
@@ -243,18 +49,18 @@ def test_sigterm_to_one_pod_saves_exits_75_and_the_restart_repeats_an_uninterrup
 
         # The JobSet restarts the group (the exit code 75 rule); same command, same volume.
         pods.start(generation=2)
-        _wait_for(lambda: len(metric_steps(metrics)) >= len(gen1) + 3, pods, "three steps of the restarted group")
+        wait_for(lambda: len(metric_steps(metrics)) >= len(gen1) + 3, pods, "three steps of the restarted group")
         resumed = metric_steps(metrics)[len(gen1):][:3]
     finally:
         pods.terminate_all()
     assert [m["step"] for m in resumed] == [stopped + 1, stopped + 2, stopped + 3]
 
     # The same rendered run, never interrupted, is the reference.
-    reference = _local_pods(tmp_path, config, "reference")
+    reference = local_pods(tmp_path, config, "reference")
     ref_metrics = reference.runs / "reference" / "metrics.jsonl"
     try:
         reference.start(generation=1)
-        _wait_for(lambda: len(metric_steps(ref_metrics)) >= stopped + 3, reference, "the reference run")
+        wait_for(lambda: len(metric_steps(ref_metrics)) >= stopped + 3, reference, "the reference run")
     finally:
         reference.terminate_all()
     expected = _losses(metric_steps(ref_metrics))
@@ -267,13 +73,13 @@ def test_rendered_jobset_rendezvous_trains_and_resumes_after_losing_a_node(tmp_p
     # Never finishes on its own (the test stops it); a full checkpoint every 3 steps.
     config = tmp_path / "wire.toml"
     config.write_text(run_toml(steps=100_000, checkpoint="interval = 3") + "[metrics]\nlog_freq = 1\n")
-    pods = _local_pods(tmp_path, config, "wire")
+    pods = local_pods(tmp_path, config, "wire")
     run_dir = pods.runs / "wire"
     ckpt, metrics = run_dir / "checkpoint", run_dir / "metrics.jsonl"
     try:
         # Generation 1: both pods rendezvous through the "leader" and train to a committed checkpoint.
         pods.start(generation=1)
-        _wait_for(lambda: ckpt.is_dir() and committed_steps(ckpt), pods, "a committed checkpoint")
+        wait_for(lambda: ckpt.is_dir() and committed_steps(ckpt), pods, "a committed checkpoint")
         gen1_text = "\n".join(p.read_text(errors="replace") for p in pods.logs)
         assert "world 2" in gen1_text, "the two pods must form one world of 2 ranks"
 
@@ -286,7 +92,7 @@ def test_rendered_jobset_rendezvous_trains_and_resumes_after_losing_a_node(tmp_p
 
         # Generation 2: same command, same volume: training continues after the checkpoint.
         pods.start(generation=2)
-        new = _wait_for(lambda: metric_steps(metrics)[seen:][:2] if len(metric_steps(metrics)) >= seen + 2 else None,
+        new = wait_for(lambda: metric_steps(metrics)[seen:][:2] if len(metric_steps(metrics)) >= seen + 2 else None,
                         pods, "two training steps of the restarted group")
         assert [m["step"] for m in new] == [latest + 1, latest + 2], (
             f"expected the restart to resume after checkpoint step-{latest}:\n{pods.output()}"

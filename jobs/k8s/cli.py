@@ -46,7 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--step-seconds", type=int, default=defaults.step_seconds,
                    help=f"longest training step, sizes the preemption grace period ({defaults.step_seconds})")
     r.add_argument("--max-restarts", type=int, default=defaults.max_restarts,
-                   help=f"JobSet restarts for crashes; preemptions are free ({defaults.max_restarts})")
+                   help=f"JobSet restarts for failures no pod explained; preemptions, lost peers and rank "
+                        f"failures are bounded by --crash-loop-limit instead ({defaults.max_restarts})")
+    r.add_argument("--crash-loop-limit", type=int, default=defaults.crash_loop_limit,
+                   help=f"attempts in a row without a new committed checkpoint before the run gives up "
+                        f"({defaults.crash_loop_limit})")
     r.add_argument("--join-timeout", dest="join_timeout_s", type=int, default=defaults.join_timeout_s,
                    help=f"seconds nodes wait for each other at the rendezvous ({defaults.join_timeout_s})")
     r.add_argument("--cpu", help=f"CPU of a node pod, request = limit (default {CPU_PER_GPU} per GPU)")
@@ -117,7 +121,7 @@ def _render(args: argparse.Namespace, overrides: list[str]) -> int:
 
     option_names = (
         "name", "network", "rdma_resource", "shm_size", "data_cache_size", "checkpoint_seconds", "step_seconds",
-        "max_restarts", "join_timeout_s", "cpu", "memory", "gpu_resource", "eval_gpus", "eval_tasks", "eval_data",
+        "max_restarts", "crash_loop_limit", "join_timeout_s", "cpu", "memory", "gpu_resource", "eval_gpus", "eval_tasks", "eval_data",
     )  # fmt: skip
     options = {k: getattr(args, k) for k in option_names} | _cluster_options(args)
     options["nccl_env"] = tuple(args.nccl_env)

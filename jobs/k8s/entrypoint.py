@@ -1,6 +1,6 @@
 """Container entrypoint of a trainer pod: torchrun, with SIGTERM going to the workers only.
 
-    python -m jobs.k8s.entrypoint [torchrun options] -m titan_moe.train [trainer options]
+    python -m jobs.k8s.entrypoint [torchrun options] -m jobs.k8s.worker titan_moe.train [trainer options]
 
 Why not plain ``exec torchrun``: on SIGTERM torch 2.11's torchrun forwards the
 signal to its workers, SIGKILLs them 30 s later (``PContext.close(timeout=30)``,
@@ -16,9 +16,14 @@ data-loader workers keep running until the trainer is done with them).  The
 workers then have the pod's whole grace period: the trainer finishes its step,
 saves within ``checkpoint.preemption_grace_seconds`` (the renderer derives it
 from the grace period) and exits 75.  torchrun sees its workers gone and
-returns; the container's exit status is the workers' (``exit_status``), so a
-preemption ends the pod with 75, which the Job's ``podFailurePolicy`` turns
-into a restart that does not count against ``maxRestarts``.
+returns; the container's exit status says what happened (``exit_status``,
+codes in ``exitcodes.py``): 75 preempted, 76 a peer pod vanished, 78 a rank of
+this pod failed -- each a restart of the group that does not use up
+``maxRestarts`` (the Job's ``podFailurePolicy`` and the JobSet's
+``failurePolicy``).  What bounds restarts instead is progress: before starting
+torchrun the entrypoint counts this attempt in the run's progress budget
+(``attempts.py``) and exits 77, which fails the JobSet, after too many
+attempts in a row without a new committed checkpoint.
 
 Only Linux (worker processes are found through ``/proc``), which is what a
 container is.
@@ -32,22 +37,22 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-# The trainer's status after a preemption (titan_moe.checkpoint.PREEMPTED_EXIT_CODE).
-# Repeated, not imported: importing titan_moe here would pull torchtitan into PID 1.
-PREEMPTED_EXIT_CODE = 75
-# 128 + signal number, the shell's convention for "ended by a signal".
-SIGNAL_EXIT_BASE = 128
+from jobs.k8s.attempts import Budget
+from jobs.k8s.exitcodes import (
+    CRASH_LOOP,
+    IMAGE_NETWORK_ENV,
+    NETWORK_ENV,
+    PEER_LOST,
+    PREEMPTED,
+    RANK_FAILED,
+    SETUP_ERROR,
+)
+
 # How often a terminating entrypoint looks for workers started after the SIGTERM.
 FORWARD_POLL_S = 0.5
-# Set by the renderer: tcp | infiniband | efa.
-NETWORK_ENV = "TITAN_MOE_NETWORK"
-# Set by k8s/Dockerfile: the network libraries the image was built with (--build-arg NETWORK).
-IMAGE_NETWORK_ENV = "TITAN_MOE_IMAGE_NETWORK"
-# Bad setup, before anything started (the trainer's status for an invalid run config, too).
-SETUP_ERROR_EXIT_CODE = 2
 
 
 def log(message: str) -> None:
@@ -71,31 +76,64 @@ def child_pids(parent: int | None = None) -> list[int]:
 
 
 class Forwarder:
-    """Remembers the SIGTERM and hands it to every worker, including ones that start later."""
+    """Remembers the SIGTERM and hands it to every worker, including ones that start later.
+
+    Python runs signal handlers in the main thread only, between bytecodes, and
+    torchrun's rendezvous can hold the main thread inside C++ for minutes (a
+    node waiting for pod 0's store, up to ``--join-timeout``): measured, a
+    SIGTERM there was handled only when the wait gave up.  So the Python-level
+    handler does nothing, and the C-level one writes the signal number to a
+    wakeup pipe that a thread of its own watches.
+
+    A SIGTERM that finds no worker (the pod is still importing torch, checking
+    its budget or waiting at the rendezvous) has nothing to save: the pod
+    exits 75 at once, instead of sitting out the grace period until the
+    kubelet's SIGKILL.  ``on_early_stop`` runs first (the budget forgives the
+    attempt).
+    """
 
     def __init__(self) -> None:
         self.since: float | None = None
         self.signalled: set[int] = set()
-        # Re-entrant: a second SIGTERM may land while the handler of the first holds it.
+        self.workers_seen = False
+        self.on_early_stop: Callable[[], None] = lambda: None
         self._lock = threading.RLock()
 
-    def on_sigterm(self, signum: int, frame: object) -> None:
-        first = self.since is None
-        if first:
-            self.since = time.monotonic()
-        sent = self.forward()
-        if first:
-            to = f"worker(s) {sorted(sent)}" if sent else "no worker yet (it goes to each one as it starts)"
-            log(f"SIGTERM: forwarded to {to}; torchrun is left alone, so the workers have the pod's "
-                f"whole grace period to save and exit")
-            # Workers torchrun is still starting get it too (a worker that starts after
-            # this point has not trained a step yet and just exits).
-            threading.Thread(target=self._keep_forwarding, daemon=True).start()
+    def install(self) -> None:
+        read, write = os.pipe()
+        os.set_blocking(write, False)  # required by set_wakeup_fd: a signal handler must never block
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read,), daemon=True).start()
+
+    def _watch(self, read: int) -> None:
+        while True:
+            if signal.SIGTERM in os.read(read, 64):  # one byte per signal: its number
+                self.on_sigterm()
+
+    def on_sigterm(self) -> None:
+        with self._lock:
+            first = self.since is None
+            if first:
+                self.since = time.monotonic()
+            sent = self.forward()
+            if not first:
+                return
+            if not sent and not self.workers_seen:
+                log(f"SIGTERM before any worker started: nothing to save, exiting {PREEMPTED}")
+                self.on_early_stop()
+                os._exit(PREEMPTED)
+        log(f"SIGTERM: forwarded to worker(s) {sorted(sent)}; torchrun is left alone, so the workers "
+            f"have the pod's whole grace period to save and exit")
+        # Workers torchrun is still starting get it too (a worker that starts after
+        # this point has not trained a step yet and just exits).
+        threading.Thread(target=self._keep_forwarding, daemon=True).start()
 
     def forward(self) -> set[int]:
         with self._lock:
             sent = set()
             for pid in child_pids():
+                self.workers_seen = True
                 if pid in self.signalled:
                     continue
                 try:
@@ -112,25 +150,28 @@ class Forwarder:
             self.forward()
 
 
-def exit_status(exitcodes: Iterable[int]) -> int:
+def exit_status(exitcodes: Iterable[int], sigterm: bool = False) -> int:
     """The container's status from the failed workers' exit codes (torchrun's ProcessFailure.exitcode).
 
-    75 when the workers went through the trainer's preemption path: at least one
-    exited 75 and every other one either did too or was ended by a signal
-    (torchrun SIGTERMs the rest of a group once one worker has exited, and the
-    trainer only exits 75 after every rank passed the barrier that follows the
-    final save).  Otherwise the first real failure: its code, or 128 + signal.
+    A worker's code is its own failure unless it is 75 (the trainer's preemption
+    path), 76 (``jobs.k8s.worker``: it lost the connection to a peer) or -15 (a
+    SIGTERM: torchrun stops the rest of a group once one worker has exited, and
+    the entrypoint forwards the kubelet's).  Then:
+
+    * any own failure (an exit code, or a signal such as the OOM killer's
+      SIGKILL) -> 78, this rank failed;
+    * else, when the pod got a SIGTERM or a worker stopped for a preemption
+      (workers killed by the forwarded SIGTERM while still importing, before the
+      trainer's handler existed, included) -> 75;
+    * else -> 76, every worker here was healthy and lost a peer.
     """
     codes = list(exitcodes)
-    if PREEMPTED_EXIT_CODE in codes and all(c == PREEMPTED_EXIT_CODE or c < 0 for c in codes):
-        return PREEMPTED_EXIT_CODE
-    for code in codes:
-        if code > 0 and code != PREEMPTED_EXIT_CODE:
-            return code
-    for code in codes:
-        if code < 0:
-            return SIGNAL_EXIT_BASE - code
-    return 1
+    not_own = (PREEMPTED, PEER_LOST, -signal.SIGTERM)
+    if not codes or any(c not in not_own for c in codes):
+        return RANK_FAILED
+    if sigterm or PREEMPTED in codes:
+        return PREEMPTED
+    return PEER_LOST
 
 
 def network_mismatch() -> str | None:
@@ -161,15 +202,36 @@ def check_memlock() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     forwarder = Forwarder()
-    signal.signal(signal.SIGTERM, forwarder.on_sigterm)
+    forwarder.install()
     problem = network_mismatch()
     if problem:
         log(f"error: {problem}")
-        return SETUP_ERROR_EXIT_CODE
+        return SETUP_ERROR
     check_memlock()
+    budget = Budget.from_env()
+    if budget is None:
+        log("no progress budget configured (not a rendered JobSet pod): crash loops are not detected")
+    else:
+        forwarder.on_early_stop = budget.forgive
+        step, earlier = budget.start()
+        log(f"attempt {budget.attempt} starts at committed step {step}; {len(earlier)} earlier attempt(s) "
+            f"ended there without progress (crash-loop limit {budget.limit})")
+        if budget.exhausted(earlier):
+            log(f"crash loop: attempts {', '.join(earlier)} all ended without a new committed checkpoint "
+                f"(limit {budget.limit}); not starting again, exiting {CRASH_LOOP}. Fix the cause, then "
+                f"delete {budget.record} and re-create the JobSet")
+            return CRASH_LOOP
+    status = run_torchrun(argv, forwarder)
+    if status == PREEMPTED and budget is not None:
+        budget.forgive()
+    return status
 
+
+def run_torchrun(argv: list[str], forwarder: Forwarder) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from jobs.k8s.worker import lost_peer
 
     args = torchrun.parse_args(argv)
     # torchrun registers its handlers when it starts the workers; SIGTERM stays ours.
@@ -180,13 +242,18 @@ def main(argv: list[str] | None = None) -> int:
         torchrun.run(args)
     except ChildFailedError as exc:
         failures = sorted(exc.failures.items())
-        status = exit_status(f.exitcode for _, f in failures)
+        status = exit_status((f.exitcode for _, f in failures), sigterm=forwarder.since is not None)
         codes = ", ".join(f"rank {rank}: {f.exitcode}" for rank, f in failures)
-        if status == PREEMPTED_EXIT_CODE:
-            log(f"workers stopped for preemption ({codes}); exiting {status}")
-        else:
-            log(f"workers failed ({codes}); exiting {status}\n{exc}")
+        what = {PREEMPTED: "stopped for preemption", PEER_LOST: "lost a peer (another pod vanished)",
+                RANK_FAILED: "failed"}[status]
+        log(f"workers {what} ({codes}); exiting {status}" + ("" if status == PREEMPTED else f"\n{exc}"))
         return status
+    except Exception as exc:
+        # The agent itself failed: the rendezvous store reset or never answered means pod 0 is gone.
+        if not lost_peer(exc):
+            raise
+        log(f"rendezvous lost ({type(exc).__name__}: {exc}); exiting {PEER_LOST}")
+        return PEER_LOST
     if forwarder.since is not None:
         log("SIGTERM arrived but the workers finished the run; exiting 0")
     return 0

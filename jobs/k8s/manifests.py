@@ -10,16 +10,16 @@ Failure model (the pattern the JobSet project documents for preemption):
   G GPUs each), ``restartPolicy: Never`` and ``backoffLimit: 0``: any pod
   failure fails the Job, and with it the JobSet;
 * the Job's ``podFailurePolicy`` fails it with reason ``PodFailurePolicy``
-  when the failed pod carries the ``DisruptionTarget`` condition (preemption,
-  node drain, node loss, eviction) or its trainer exited 75 (the trainer's
-  status after a preemption save, passed on by the entrypoint: every pod of a
-  preempted run, signalled or not, ends that way), so it is told apart from a
-  crash (reason ``BackoffLimitExceeded``);
-* the JobSet's ``failurePolicy`` restarts the whole group on either; a rule
-  makes preemption restarts free (``RestartJobSetAndIgnoreMaxRestarts``)
-  while crashes count against ``maxRestarts``; ``BlockingRecreate`` deletes
-  every old pod before any new one starts, so two generations never meet at
-  the rendezvous;
+  when the pod explains its failure -- the ``DisruptionTarget`` condition
+  (preemption, drain, eviction, node loss) or an entrypoint status from
+  ``exitcodes.py`` (75 preempted, 76 peer lost, 78 rank failed, 77 crash
+  loop) -- and with ``BackoffLimitExceeded`` otherwise;
+* the JobSet's ``failurePolicy`` fails the run on the crash-loop status and
+  restarts the whole group for free on every other explained failure: the
+  entrypoint's progress budget (``attempts.py``), not ``maxRestarts``, bounds
+  those.  Unexplained failures count against ``maxRestarts``.
+  ``BlockingRecreate`` deletes every old pod before any new one starts, so
+  two generations never meet at the rendezvous;
 * every new generation starts torchrun from scratch and the trainer resumes
   from the latest checkpoint in ``<runs>/<run>/<checkpoint folder>``;
 * rendezvous is static: pod 0 (node rank 0) hosts the store, the others
@@ -32,8 +32,15 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from jobs.k8s import podspec
-from jobs.k8s.entrypoint import NETWORK_ENV, PREEMPTED_EXIT_CODE
+from jobs.k8s import exitcodes, podspec
+from jobs.k8s.exitcodes import (
+    ATTEMPT_ANNOTATION,
+    ATTEMPT_ENV,
+    CHECKPOINT_DIR_ENV,
+    CRASH_LOOP_LIMIT_ENV,
+    NETWORK_ENV,
+    RUN_DIR_ENV,
+)
 from jobs.k8s.options import RDZV_PORT, REPLICATED_JOB, RenderOptions
 from jobs.k8s.runconfig import ClusterRunConfig
 
@@ -50,6 +57,8 @@ CONFIG_HASH_ANNOTATION = "titan-moe/config-sha256"
 TRAIN_MODULE = "titan_moe.train"
 # PID 1 of a trainer pod (jobs/k8s/entrypoint.py): torchrun in-process, SIGTERM to the workers.
 ENTRYPOINT_MODULE = "jobs.k8s.entrypoint"
+# What torchrun starts per GPU: the trainer, with a lost peer told apart from a failure (jobs/k8s/worker.py).
+WORKER_MODULE = "jobs.k8s.worker"
 TRAINER_CONTAINER = "trainer"
 TENSORBOARD_RESOURCES = ("1", "4Gi")  # cpu, memory of the TensorBoard pod
 
@@ -133,7 +142,7 @@ def trainer_script(run: Run) -> str:
         "--max_restarts=0",
     ]
     trainer = [
-        ["-m", TRAIN_MODULE],
+        ["-m", WORKER_MODULE, TRAIN_MODULE],
         ["--job.config_file", f"{CONFIG_MOUNT}/{CONFIG_KEY}"],
         # The render's own overrides; the cluster settings below come later and win.
         *([word] for word in run.config.overrides),
@@ -175,6 +184,11 @@ def _trainer_pod_spec(run: Run) -> dict:
         *podspec.base_env(),
         {"name": "TITAN_MOE_RUN", "value": run.name},
         {"name": NETWORK_ENV, "value": o.network},
+        # The entrypoint's progress budget (jobs/k8s/attempts.py).
+        {"name": RUN_DIR_ENV, "value": run.run_dir},
+        {"name": CHECKPOINT_DIR_ENV, "value": run.checkpoint_dir},
+        {"name": CRASH_LOOP_LIMIT_ENV, "value": str(o.crash_loop_limit)},
+        {"name": ATTEMPT_ENV, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ATTEMPT_ANNOTATION}']"}}},
         *({"name": k, "value": v} for k, v in o.trainer_env.items()),
         *podspec.credentials_env(o),
     ]
@@ -212,6 +226,64 @@ def _trainer_pod_spec(run: Run) -> dict:
     return podspec.pod_spec(o, [container], volumes, gpus=True, grace_period_s=o.grace_period_s)
 
 
+def _on_exit_codes(codes: tuple[int, ...]) -> dict:
+    return {"containerName": TRAINER_CONTAINER, "operator": "In", "values": list(codes)}
+
+
+def pod_failure_policy() -> dict:
+    """How the Job judges a failed trainer pod (k8s/README.md, "What each failure costs").
+
+    Every rule is ``FailJob``: one failed pod fails the Job, so the JobSet
+    recreates the whole group (``BlockingRecreate``: no new pod meets an old
+    one at the rendezvous).  ``Ignore`` would replace just the failed pod, in
+    the same Job, while its peers of the old attempt may still be up -- and a
+    static rendezvous has no generation fence against such a mix.  The rules
+    only decide the Job's failure *message*, which the JobSet's rules read:
+    the first matching rule wins, so the crash loop comes first.  A status no
+    rule names (a container killed from outside, an entrypoint that itself
+    crashed, a setup error) fails the Job with ``BackoffLimitExceeded``.
+    """
+    return {
+        "rules": [
+            # The entrypoint's progress budget is spent: the JobSet rule "CrashLoop" ends the run.
+            {"action": "FailJob", "onExitCodes": _on_exit_codes((exitcodes.CRASH_LOOP,))},
+            # Preempted / evicted / node lost, as Kubernetes reports it on the pod.
+            {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # Preempted (75), a peer pod vanished (76), a rank of this pod failed (78): the
+            # entrypoint said what happened and counted the attempt in the progress budget.
+            {"action": "FailJob", "onExitCodes": _on_exit_codes(exitcodes.FREE_RESTART)},
+        ]
+    }
+
+
+# The Job controller's message for a FailJob exit-code rule (pkg/controller/job/pod_failure_policy.go):
+# "Container trainer for pod NS/NAME failed with exit code 77 matching FailJob rule at index 0".
+CRASH_LOOP_MESSAGE = f"failed with exit code {exitcodes.CRASH_LOOP} matching FailJob rule"
+
+
+def jobset_failure_policy(max_restarts: int) -> dict:
+    """The JobSet's answer to a failed Job: end on a crash loop, restart for free on what the pods explained."""
+    return {
+        "maxRestarts": max_restarts,
+        "restartStrategy": "BlockingRecreate",
+        "rules": [
+            {
+                "name": "CrashLoop",
+                "action": "FailJobSet",
+                "onJobFailureReasons": ["PodFailurePolicy"],
+                "onJobFailureMessagePatterns": [CRASH_LOOP_MESSAGE],
+            },
+            {
+                # Preemption, a lost node or peer, a rank failure: the progress budget bounds these.
+                "name": "RestartWithoutCounting",
+                "action": "RestartJobSetAndIgnoreMaxRestarts",
+                "onJobFailureReasons": ["PodFailurePolicy"],
+            },
+            # Anything else (BackoffLimitExceeded): the default RestartJobSet, counted against maxRestarts.
+        ],
+    }
+
+
 def jobset(run: Run) -> dict:
     o = run.options
     pod_meta = {
@@ -224,27 +296,7 @@ def jobset(run: Run) -> dict:
         "completions": run.nodes,
         "completionMode": "Indexed",  # completion index = node rank
         "backoffLimit": 0,  # one failed pod fails the Job: the JobSet restarts the group
-        "podFailurePolicy": {
-            "rules": [
-                {
-                    # Preempted / evicted / node lost: fail with reason PodFailurePolicy,
-                    # which the JobSet rule below restarts without using up maxRestarts.
-                    "action": "FailJob",
-                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-                },
-                {
-                    # The trainer stopped for a preemption (its final save is committed):
-                    # the same free restart.  Also every pod of the run whose peer was
-                    # preempted: the ranks agree to stop together.
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": TRAINER_CONTAINER,
-                        "operator": "In",
-                        "values": [PREEMPTED_EXIT_CODE],
-                    },
-                },
-            ]
-        },
+        "podFailurePolicy": pod_failure_policy(),
         "template": {"metadata": pod_meta, "spec": _trainer_pod_spec(run)},
     }
     return {
@@ -262,17 +314,7 @@ def jobset(run: Run) -> dict:
                 "publishNotReadyAddresses": True,
                 "subdomain": run.name,
             },
-            "failurePolicy": {
-                "maxRestarts": o.max_restarts,
-                "restartStrategy": "BlockingRecreate",
-                "rules": [
-                    {
-                        "name": "RestartOnPreemption",
-                        "action": "RestartJobSetAndIgnoreMaxRestarts",
-                        "onJobFailureReasons": ["PodFailurePolicy"],
-                    }
-                ],
-            },
+            "failurePolicy": jobset_failure_policy(o.max_restarts),
             "successPolicy": {"operator": "All", "targetReplicatedJobs": [REPLICATED_JOB]},
             "replicatedJobs": [
                 {

@@ -148,7 +148,9 @@ class RenderOptions:
     step_seconds: int = 30
     """How long one training step takes at most (the step in flight finishes before the save)."""
     max_restarts: int = 3
-    """JobSet restarts allowed for real crashes (preemptions do not count)."""
+    """JobSet restarts for failures no pod explained (a container killed from outside, a setup error)."""
+    crash_loop_limit: int = 3
+    """Attempts in a row that may end without a new committed checkpoint; the next one ends the run."""
     join_timeout_s: int = 900
     """How long nodes wait for each other at the rendezvous (image pulls on fresh nodes are slow)."""
     gpu_resource: str = "nvidia.com/gpu"
@@ -201,6 +203,7 @@ class RenderOptions:
             ("--checkpoint-seconds", self.checkpoint_seconds, 1),
             ("--step-seconds", self.step_seconds, 1),
             ("--max-restarts", self.max_restarts, 0),
+            ("--crash-loop-limit", self.crash_loop_limit, 1),
             ("--join-timeout", self.join_timeout_s, 1),
             ("--eval-gpus", self.eval_gpus, 0),
         ):
