@@ -1,5 +1,6 @@
 """Checkpoint manager in one process: commit marker, integrity, retention, export."""
 
+import logging
 import os
 from types import SimpleNamespace
 
@@ -7,10 +8,12 @@ import pytest
 import torch
 from torchtitan.components.optimizer import OptimizersContainer
 
+from titan_moe import storage
 from titan_moe.checkpoint import CheckpointLoadError, CheckpointManager, catalog
 from titan_moe.checkpoint import cli as ckpt_cli
 from titan_moe.errors import ConfigError
 from titan_moe.model import Transformer
+from titan_moe.versions import runtime_versions
 from tests.model_configs import HOMOGENEOUS, model_args
 
 
@@ -141,3 +144,37 @@ def test_checkpoints_on_object_storage(s3_bucket):
     assert mgr2.load() is True and state2.step == 4
     for k, v in model.state_dict().items():
         assert torch.equal(model2.state_dict()[k], v)
+
+
+def test_marker_records_the_versions_that_wrote_it_and_a_same_version_resume_is_quiet(tmp_path, caplog):
+    mgr, model, opt, state = make(tmp_path)
+    train_steps(model, opt, state, mgr, 2)
+    [info] = catalog.list_checkpoints(str(tmp_path))
+    assert info.versions["torch"] == torch.__version__
+    assert info.versions == runtime_versions() and set(info.versions) == {"torch", "torchtitan", "titan_moe"}
+    mgr2, *_ = make(tmp_path, seed=3)
+    with caplog.at_level(logging.INFO, logger="titan_moe.checkpoint.manager"):
+        assert mgr2.load() is True
+    assert "other library versions" not in caplog.text
+
+
+def test_resume_under_another_torch_version_warns_that_it_is_not_bit_exact(tmp_path, caplog):
+    mgr, model, opt, state = make(tmp_path)
+    train_steps(model, opt, state, mgr, 2)
+    marker = os.path.join(catalog.step_path(str(tmp_path), 2), catalog.MARKER)
+    meta = storage.read_json(marker)
+    meta["versions"]["torch"] = "2.9.9+other"  # as if another torch had written it
+    storage.write_json(marker, meta)
+
+    mgr2, model2, _, state2 = make(tmp_path, seed=3)
+    with caplog.at_level(logging.WARNING, logger="titan_moe.checkpoint.manager"):
+        assert mgr2.load() is True  # it still resumes ...
+    assert state2.step == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[k], v)
+    # ... and says which version changed and what that costs.
+    [record] = [r for r in caplog.records if "other library versions" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert f"torch 2.9.9+other -> {torch.__version__}" in record.getMessage()
+    assert "bit-exact continuation is not promised" in record.getMessage()
+    assert "torchtitan" not in record.getMessage()  # only what differs is named

@@ -48,7 +48,16 @@ def test_moe_block_traces_without_graph_breaks(routing):
     assert explained.graph_count == 1
 
 
+# torch 2.15 on CPU: the inductor-compiled backward of bf16 grouped experts gives the first
+# block's expert gradients 22-95% off an fp32 eager reference (eager bf16: within 1.5%), the
+# outputs and every other gradient agree; torch 2.11 agrees everywhere. Strict, so the lane
+# says when a torch release fixes it (README "Pinned platform").
+COMPILED_GROUPED_BACKWARD_OFF = torch.torch_version.TorchVersion(torch.__version__) >= (2, 15)
+
+
 @pytest.mark.slow
+@pytest.mark.xfail(COMPILED_GROUPED_BACKWARD_OFF, strict=True,
+                   reason="torch 2.15 CPU inductor: compiled bf16 grouped-expert gradients of the first block are off")
 @pytest.mark.parametrize("routing", ["dropless", "capacity"])
 def test_compiled_moe_decoder_equals_eager_forward_and_backward(routing):
     torch._dynamo.reset()

@@ -2,11 +2,17 @@
 
     python -m jobs.k8s.entrypoint [torchrun options] -m jobs.k8s.worker titan_moe.train [trainer options]
 
-Why not plain ``exec torchrun``: on SIGTERM torch 2.11's torchrun forwards the
-signal to its workers, SIGKILLs them 30 s later (``PContext.close(timeout=30)``,
-not configurable) and exits 1 -- measured: a worker that needs 45 s to save is
-killed at 30 s and the container ends with status 1, whatever the pod's
-``terminationGracePeriodSeconds`` and the trainer's exit status.
+Why not plain ``exec torchrun``: on SIGTERM torchrun forwards the signal to
+its workers, SIGKILLs them 30 s later (``PContext.close(timeout=30)``) and exits
+1 -- measured on torch 2.11: a worker that needs 45 s to save is killed at 30 s
+and the container ends with status 1, whatever the pod's
+``terminationGracePeriodSeconds`` and the trainer's exit status.  torch 2.15
+only makes the 30 s configurable (``--shutdown-timeout``,
+``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``; absent in 2.11): it still kills at the
+timeout and still exits 1 on SIGTERM (it re-raises its ``SignalException``), so
+the pod would still not end with the trainer's 75.  The same code below serves
+both ends of the supported range (``--signals-to-handle`` and ``run(args)`` are
+unchanged from 2.11 to 2.15; tests/test_k8s_policy.py runs it in both lanes).
 
 So this process, PID 1 of the container, runs torchrun's launcher in-process
 with SIGTERM taken out of the signals torchrun handles

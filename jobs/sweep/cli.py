@@ -159,6 +159,11 @@ def _collect(args: argparse.Namespace) -> int:
     with_loss = sum(r.get("train_loss") is not None for r in rows)
     with_eval = sum(r.get("paloma_macro_ce") is not None for r in rows)
     print(f"collected {len(rows)} points ({with_loss} with a training loss, {with_eval} with Paloma): {csv_path}, {md_path}")
+    from jobs.sweep.versions import mixed_versions
+
+    mixed = mixed_versions(rows)
+    if mixed:  # a warning, not a failure: the table is still right, only not comparable across versions
+        print(f"warning: {mixed}", file=sys.stderr)
     return 0
 
 

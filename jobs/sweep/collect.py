@@ -24,6 +24,8 @@ Per point (its directory is the run's dump folder):
   design maps onto a transformers architecture, exported from its newest
   complete checkpoint when missing or older (``titan-moe checkpoints export
   --format hf``); otherwise ``hf_export_refused`` (why) or ``hf_export_error``.
+- ``torch_version`` / ``torchtitan_version``: what the point's checkpoints were
+  written with (``jobs.sweep.versions``); a sweep that mixed versions is flagged.
 - the planned knobs and numbers from ``index.json``.
 """
 
@@ -39,6 +41,7 @@ from tqdm import tqdm
 
 from jobs.sweep.launch import EVAL_NAME, FAILED_MARKER
 from jobs.sweep.plan import COLUMNS, CONFIG_NAME, DONE_MARKER, atomic_write, csv_text, load_index
+from jobs.sweep.versions import mixed_versions, point_versions
 
 LM_LOSS_TAGS = ("loss/lm", "loss_metrics/global_avg_loss")
 VAL_LOSS_TAGS = ("validation/lm", "validation_metrics/lm_loss", "validation_metrics/loss", "validation/loss")
@@ -196,6 +199,7 @@ def collect(plan_dir: str | Path) -> list[dict[str, Any]]:
         row["status"] = status(point_dir, bool(scalars))
         row.update(training_results(scalars))
         row.update(eval_results(point_dir / EVAL_NAME))
+        row.update(point_versions(point_dir))
         if point_dir.is_dir():
             row.update(hf_export(point_dir))
         rows.append(row)
@@ -223,6 +227,7 @@ def markdown(rows: list[dict[str, Any]], spec: str) -> str:
     with_loss = sum(r.get("train_loss") is not None for r in rows)
     lines = [f"# Sweep `{spec}`", "", f"{len(rows)} points, {done} finished, {with_loss} with a training loss "
              f"(mean of the last {WINDOW} steps).", ""]
+    lines += [f"**Warning:** {mixed_versions(rows)}", ""] if mixed_versions(rows) else []
     for scale in dict.fromkeys(r["scale"] for r in rows):
         lines += [f"## {scale}", "", "| " + " | ".join(h for _, h in MARKDOWN_COLUMNS) + " |",
                   "|" + "|".join("---:" if k not in ("name", "routing", "status") else "---" for k, _ in MARKDOWN_COLUMNS) + "|"]

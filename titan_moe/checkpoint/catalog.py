@@ -4,7 +4,9 @@ A checkpoint ``FOLDER/step-N/`` is *committed* when it holds ``COMMITTED``, a
 JSON marker that rank 0 writes only after the (async) save finished on every
 rank.  The marker lists every file of the checkpoint with its size, so a
 checkpoint truncated or partly deleted afterwards is recognised without
-reading it.  Object stores have no atomic rename, so the marker, written
+reading it.  It also records the torch / torchtitan / titan-moe versions that
+wrote the checkpoint (``versions``; absent in markers from before they were
+recorded), since a resume under other versions is not bit-exact.  Object stores have no atomic rename, so the marker, written
 last, is what makes a checkpoint visible.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from titan_moe import storage
 
@@ -28,6 +30,7 @@ class CheckpointInfo:
     problem: str | None  # why it cannot be loaded, None when it can
     size_bytes: int
     saved_at: float | None
+    versions: dict[str, str] = field(default_factory=dict)  # empty: the marker records none
 
     @property
     def loadable(self) -> bool:
@@ -38,15 +41,18 @@ def step_path(folder: str, step: int) -> str:
     return storage.join(folder, f"step-{step}")
 
 
-def commit(path: str, step: int, world_size: int = 1, seconds: float = 0.0) -> int:
+def commit(path: str, step: int, world_size: int = 1, seconds: float = 0.0,
+           versions: dict[str, str] | None = None) -> int:
     """Write ``path``'s COMMITTED marker listing every file and its size; returns the file count.
 
     Call once, on one process, after every rank finished writing ``path``.
+    ``versions``: the libraries the checkpoint was written with (``titan_moe.versions``).
     """
     files = storage.file_sizes(path)
     files.pop(MARKER, None)
     storage.write_json(storage.join(path, MARKER), {
         "step": step, "saved_at": time.time(), "seconds": round(seconds, 3), "world_size": world_size, "files": files,
+        **({"versions": versions} if versions else {}),
     })
     return len(files)
 
@@ -67,7 +73,7 @@ def inspect(folder: str, step: int) -> CheckpointInfo:
         if actual != expected:
             what = "missing" if actual is None else f"{actual} bytes, expected {expected}"
             return CheckpointInfo(step, path, True, f"file {name} is {what}", size, meta.get("saved_at"))
-    return CheckpointInfo(step, path, True, None, size, meta.get("saved_at"))
+    return CheckpointInfo(step, path, True, None, size, meta.get("saved_at"), dict(meta.get("versions") or {}))
 
 
 def list_checkpoints(folder: str) -> list[CheckpointInfo]:

@@ -13,7 +13,10 @@ clusters need on top:
   skipped with a warning naming them; a checkpoint that passes its integrity
   check but fails to load is an error, never a silent restart from scratch;
 - local or shared filesystems and object stores (``s3://``) through fsspec;
-- the last ``keep_latest_k`` committed checkpoints are kept (0 keeps all).
+- the last ``keep_latest_k`` committed checkpoints are kept (0 keeps all);
+- every checkpoint records the torch / torchtitan / titan-moe versions that wrote
+  it, and resuming one under other versions warns that the run continues but not
+  bit-exactly (another torch draws, reduces and fuses differently).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torchtitan.components.checkpoint import ModelWrapper
 
-from titan_moe import storage
+from titan_moe import storage, versions
 from titan_moe.checkpoint import catalog
 from titan_moe.checkpoint.rng import RNGState
 from titan_moe.checkpoint.settings import check_checkpoint_config
@@ -178,7 +181,7 @@ class CheckpointManager:
         if _rank() != 0:
             return
         world_size = dist.get_world_size() if dist.is_initialized() else 1
-        n_files = catalog.commit(path, step, world_size, seconds)
+        n_files = catalog.commit(path, step, world_size, seconds, versions=versions.runtime_versions())
         logger.info("checkpoint step-%d committed (%.2fs, %d files)", step, seconds, n_files)
         self._purge()
 
@@ -226,10 +229,12 @@ class CheckpointManager:
         if not candidates:
             return False
         failures = []
-        for path, ckpt_step in candidates:
+        for path, ckpt_step, recorded in candidates:
             error = self._try_load(path)
             if error is None:
                 logger.info("resumed from %s", path)
+                if _rank() == 0:
+                    warn_if_versions_differ(path, recorded)
                 return True
             logger.warning("checkpoint %s could not be loaded (%s); trying the previous one", path, error)
             failures.append(f"{path}: {error}")
@@ -237,9 +242,9 @@ class CheckpointManager:
             "no checkpoint in %s could be loaded, refusing to restart from scratch:\n  %s" % (self.folder, "\n  ".join(failures))
         )
 
-    def _agreed_candidates(self, step: int) -> list[tuple[str, int]]:
-        """Rank 0 lists the folder and every rank uses its answer."""
-        candidates: list[tuple[str, int]] = []
+    def _agreed_candidates(self, step: int) -> list[tuple[str, int, dict[str, str]]]:
+        """Rank 0 lists the folder and every rank uses its answer: (path, step, recorded versions), newest first."""
+        candidates: list[tuple[str, int, dict[str, str]]] = []
         if _rank() == 0:
             infos = catalog.list_checkpoints(self.folder)
             for info in infos:
@@ -248,7 +253,7 @@ class CheckpointManager:
             loadable = [i for i in infos if i.loadable and (step < 0 or i.step == step)]
             if step >= 0 and not loadable:
                 raise CheckpointLoadError(f"checkpoint.load_step {step}: no loadable step-{step} in {self.folder}")
-            candidates = [(i.path, i.step) for i in reversed(loadable)]
+            candidates = [(i.path, i.step, i.versions) for i in reversed(loadable)]
         if dist.is_initialized():
             box = [candidates]
             dist.broadcast_object_list(box, src=0, group=self.pg)
@@ -280,3 +285,18 @@ class CheckpointManager:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+
+
+def warn_if_versions_differ(path: str, recorded: dict[str, str]) -> bool:
+    """Warn (and return True) when ``path`` was written under other library versions than this process's."""
+    if not recorded:
+        logger.info("checkpoint %s records no library versions (written before they were recorded)", path)
+        return False
+    changed = versions.differences(recorded, versions.runtime_versions())
+    if changed:
+        logger.warning(
+            "checkpoint %s was written under other library versions (%s): training resumes from it, but "
+            "bit-exact continuation is not promised across versions; compare runs only within one version",
+            path, ", ".join(changed),
+        )
+    return bool(changed)
