@@ -67,10 +67,11 @@ def plain_forward_s(lm, n_tokens: int, batch_tokens: int, vocab: int) -> float:
 
 
 def paloma_documents(tokenizer, n_docs: int, max_seq_len: int, seed: int = 0) -> list[list[int]]:
-    from eval.tasks.boolq import BoolQ
+    from eval.olmo_tasks import _built_task
 
-    passages = [q.prompt.split("\nQuestion:")[0] for q in BoolQ().load(None, data_root=SHARED / "eval").questions]
-    ids = tokenizer.encode_batch(passages[: 4 * n_docs + 200])
+    # Real English token streams: the downstream tasks' few-shot prompts, cut into documents.
+    _, samples = _built_task(DOWNSTREAM_TASKS.split(",")[0], tokenizer, max_seq_len)
+    ids = [s["query"] for s in samples]
     rng = random.Random(seed)
     docs, i = [], 0
     for _ in range(n_docs):
@@ -95,7 +96,7 @@ def load_model(args):
     model_dir = args.hf_model
     label = str(model_dir)
     if model_dir is None:
-        from eval.tiny import save_tiny_hf_model
+        from tests.tiny_models import save_tiny_hf_model
 
         model_dir = save_tiny_hf_model(
             Path(tempfile.mkdtemp()) / "random_llama", TOKENIZER, hidden=args.hidden, layers=args.layers,
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype = getattr(torch, args.dtype) if args.dtype else None
 
     from eval.scoring import ScoreStats, rolling_windows, score_requests
-    from eval.suite import SuiteConfig, run_suite
+    from eval import EvalSettings
+    from eval.suite import run_suite
 
     lm, tok, label = load_model(args)
     vocab = tok.vocab_size
@@ -140,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     # on a shared machine the minimum is the least disturbed measurement.
     docs = paloma_documents(tok, args.docs, lm.max_seq_len)
     requests = [w for d in docs for w in rolling_windows(d, lm.eos_id, lm.max_seq_len)]
-    cfg = SuiteConfig(data_root=SHARED / "eval", limit=args.questions, shots=(0,), progress=False,
-                      batch_tokens=args.batch_tokens, max_batch_size=args.batch_size)  # fmt: skip
+    settings = EvalSettings(tasks=DOWNSTREAM_TASKS, limit=args.questions, batch_tokens=args.batch_tokens,
+                            max_batch_size=args.batch_size)  # fmt: skip
     pal, pal_base, d_stats, d_base, n_questions = None, math.inf, None, math.inf, 0
     for _ in range(args.repeats):
         st = ScoreStats()
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         pal_base = min(pal_base, plain_forward_s(lm, pal.input_tokens, args.batch_tokens, vocab))
 
         down: dict[str, ScoreStats] = {}
-        res = run_suite(lm, tok, DOWNSTREAM_TASKS, config=cfg, stats=down)
+        res = run_suite(lm, tok, settings, progress=False, stats=down)
         n_questions = sum(t["n"] for t in res["tasks"].values())
         st = ScoreStats()
         for part in down.values():

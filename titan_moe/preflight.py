@@ -143,6 +143,7 @@ def check_run(job_config: Any, world_size: int, *, read_data: bool = True) -> tu
     mesh = check_mesh(job_config.parallelism, world_size, counts)
     check_batch(job_config.training, mesh)
     check_dataset(job_config, read_data=read_data)
+    job_config.eval.validate()
     return args, mesh
 
 
