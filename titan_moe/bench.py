@@ -9,7 +9,7 @@ data, batch, precision and parallelism:
 
 and prints tokens/s per device and MFU of each (the median over the steps after
 the warm-up), with the ratio titan_moe / baseline.  CONFIG is a path or a name
-under ``jobs/configs/`` (default: ``bench_olmoe_1b7b`` -- 16 layers, dim 2048,
+under ``titan_moe/configs/`` (default: ``bench_olmoe_1b7b`` -- 16 layers, dim 2048,
 64 experts of hidden 1024, top-8, seq 4096 -- on a GPU, ``bench_cpu_small``
 on CPU).  Not a test: the numbers depend on the machine.
 """
@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from titan_moe.configs import shipped
 from titan_moe.job_config import load_run_config
 from titan_moe.overrides import parse_args_and_overrides
 from titan_moe.infra.torchrun import torchrun_command, torchrun_env
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 METRICS = {"tokens/s per device": "throughput(tps)", "MFU %": "mfu(%)", "TFLOP/s per device": "tflops"}
 
 
@@ -34,10 +34,10 @@ def resolve_config(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    named = CONFIG_DIR / f"{name}.toml"
-    if named.is_file():
-        return named
-    raise FileNotFoundError(f"no run config {name!r} (neither a file nor {named})")
+    try:
+        return shipped(name)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no run config {name!r}: not a file, and {exc}") from None
 
 
 def summarize(metrics_file: Path, warmup: int) -> dict[str, float]:
@@ -90,7 +90,7 @@ def build_parser(gpu: bool, gpus: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="titan-moe bench", description=__doc__.split("\n\n")[0],
                                      epilog="Other --section.key value pairs (or after --) override the run config.")
     parser.add_argument("config", nargs="?", default="bench_olmoe_1b7b" if gpu else "bench_cpu_small",
-                        help="run config path or name under jobs/configs/")
+                        help="run config path or name of a shipped config (titan_moe/configs/)")
     parser.add_argument("--nproc", type=int, default=gpus if gpu else 1)
     parser.add_argument("--steps", type=int, default=10 if gpu else 6, help="steps per run (the first 2 are warm-up)")
     parser.add_argument("--out", default=None, help="output folder (default ./outputs/bench/CONFIG)")

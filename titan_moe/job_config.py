@@ -334,7 +334,13 @@ def parse_run_config(argv: list[str]) -> Any:
         raise ConfigError("overrides", f"rejected by the run-config parser: {_tyro_error(noise.getvalue())}") from None
     if not job.training.dataset and job.data.root:
         job.training.dataset = "mds"
+    if job.model.flavor != _TORCHTITAN_FLAVOR:
+        raise ConfigError("model.flavor", f"{job.model.flavor!r} would be ignored: titan-moe builds the model from "
+                          "[arch] and [moe], it has no flavor presets; delete the key")
     return job
+
+
+_TORCHTITAN_FLAVOR = TorchTitanJobConfig().model.flavor  # torchtitan's default, which titan-moe never reads
 
 
 def _tyro_error(text: str) -> str:
