@@ -17,11 +17,11 @@ def test_inloop_eval_logs_task_metrics_at_its_steps(tmp_path):
            "--eval.tokenizer", str(TOKENIZER_JSON)]
     folders = run_trainer_jobs({"inloop": job}, nproc=2, workdir=tmp_path)
     metrics = read_metrics(folders["inloop"])
-    evaluated = {r["step"]: r for r in metrics if "eval/downstream/mmlu_stem_test (accuracy)" in r}
+    evaluated = {r["step"]: r for r in metrics if "eval/downstream/mmlu_stem_test (length-normalized accuracy)" in r}
     assert sorted(evaluated) == [2, 4]
     for record in evaluated.values():
         # OLMo-core's in-loop tasks, under OLMo-core's own tags: 4 questions each.
-        assert record["eval/downstream/mmlu_stem_test (accuracy)"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+        assert record["eval/downstream/mmlu_stem_test (length-normalized accuracy)"] in (0.0, 0.25, 0.5, 0.75, 1.0)
         assert record["eval/downstream/mmlu_stem_test (CE loss)"] > 0
         assert record["eval/downstream/arc_easy_rc_5shot (accuracy)"] in (0.0, 0.25, 0.5, 0.75, 1.0)
         assert record["eval/downstream/arc_easy_rc_5shot (BPB)"] > 0
