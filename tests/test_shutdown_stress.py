@@ -32,7 +32,8 @@ from titan_moe.launch import build_command, build_env
 pytestmark = pytest.mark.slow
 
 MAIN_LAUNCHES = 3
-STRESS_ABORT = re.compile(r"terminate called|Fatal Python error|SIGABRT|exitcode\s*:\s*-6\b")
+STRESS_LAUNCHES = int(os.environ.get("TITAN_MOE_STRESS_LAUNCHES", "20"))
+ABORT = re.compile(r"terminate called|Fatal Python error|SIGABRT|exitcode\s*:\s*-6\b")
 CONFIGS = {
     "dense": [config("tiny_dense")],
     "moe_ep2": [config("tiny_moe"), "--parallelism.expert_parallel_degree", "2"],
