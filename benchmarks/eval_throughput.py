@@ -72,10 +72,11 @@ def plain_forward_s(lm, n_tokens: int, batch_tokens: int, vocab: int) -> float:
 
 
 def paloma_documents(tokenizer, n_docs: int, max_seq_len: int, seed: int = 0) -> list[list[int]]:
-    from eval.tasks.boolq import BoolQ
+    from eval.olmo_tasks import _built_task
 
-    passages = [q.prompt.split("\nQuestion:")[0] for q in BoolQ().load(None, data_root=SHARED / "eval").questions]
-    ids = tokenizer.encode_batch(passages[: 4 * n_docs + 200])
+    # Real English token streams: the downstream tasks' few-shot prompts, cut into documents.
+    _, samples = _built_task(DOWNSTREAM_TASKS.split(",")[0], tokenizer, max_seq_len)
+    ids = [s["query"] for s in samples]
     rng = random.Random(seed)
     docs, i = [], 0
     for _ in range(n_docs):
@@ -100,7 +101,7 @@ def load_model(args):
     model_dir = args.hf_model
     label = str(model_dir)
     if model_dir is None:
-        from eval.tiny import save_tiny_hf_model
+        from tests.tiny_models import save_tiny_hf_model
 
         model_dir = save_tiny_hf_model(
             Path(tempfile.mkdtemp()) / "random_llama", TOKENIZER, hidden=args.hidden, layers=args.layers,
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype = getattr(torch, args.dtype) if args.dtype else None
 
     from eval.scoring import ScoreStats, rolling_windows, score_requests
-    from eval.suite import SuiteConfig, run_suite
+    from eval import EvalSettings
+    from eval.suite import run_suite
 
     lm, tok, label = load_model(args)
     vocab = tok.vocab_size
@@ -146,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     # median ratio with its interval comes from titan_moe.bench_stats.
     docs = paloma_documents(tok, args.docs, lm.max_seq_len)
     requests = [w for d in docs for w in rolling_windows(d, lm.eos_id, lm.max_seq_len)]
-    cfg = SuiteConfig(data_root=SHARED / "eval", limit=args.questions, shots=(0,), progress=False,
-                      batch_tokens=args.batch_tokens, max_batch_size=args.batch_size)  # fmt: skip
+    settings = EvalSettings(tasks=DOWNSTREAM_TASKS, limit=args.questions, batch_tokens=args.batch_tokens,
+                            max_batch_size=args.batch_size)  # fmt: skip
     latest: dict[str, ScoreStats] = {}  # each plain forward runs over its scorer's latest input tokens
     n_questions = 0
 
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     def downstream(_: int) -> ScoreStats:
         nonlocal n_questions
         down: dict[str, ScoreStats] = {}
-        res = run_suite(lm, tok, DOWNSTREAM_TASKS, config=cfg, stats=down)
+        res = run_suite(lm, tok, settings, progress=False, stats=down)
         st = ScoreStats()
         for part in down.values():
             for f in ("requests", "batches", "scored_tokens", "input_tokens", "padded_tokens", "forward_s", "total_s"):

@@ -92,10 +92,10 @@ def child(root: str, mode: str, cache: str) -> None:
     import streaming  # noqa: F401  (imports are not startup)
     import torch  # noqa: F401
 
-    import titan_moe.data.store as store_module
+    import titan_moe.data.shard_store as store_module
     from titan_moe.data.config import DataConfig
     from titan_moe.data.setup import prepare
-    from titan_moe.data.store import open_store
+    from titan_moe.data.shard_store import open_store
 
     if mode == "old":
         from streaming import Stream, StreamingDataset

@@ -16,7 +16,7 @@ labels, padding masked), one data-parallel rank:
 * **loader s3, cold**: from moto's S3 server on loopback, empty cache.
 
 The last lines put those rates next to what one H200 consumes training the
-OLMoE-1B-7B-like shape (``jobs/configs/bench_olmoe_1b7b.toml``) at 35 % MFU:
+OLMoE-1B-7B-like shape (``titan_moe/configs/bench_olmoe_1b7b.toml``) at 35 % MFU:
 ``0.35 * 989 TFLOP/s / flops_per_token`` from ``titan_moe.model.accounting``.
 Every row runs ``--repeats`` times, the rows interleaved within each repeat
 (cold, warm, memmap, s3, cold, ...); each row's ratio to the memmap of the
@@ -42,7 +42,7 @@ import numpy as np
 from titan_moe import bench_stats
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH_CONFIG = REPO / "jobs" / "configs" / "bench_olmoe_1b7b.toml"
+BENCH_CONFIG = REPO / "titan_moe" / "configs" / "bench_olmoe_1b7b.toml"
 PEAK_BF16 = 989e12  # H100/H200 dense bf16 FLOP/s
 MFU = 0.35
 SOURCES = {"web": 0.7, "code": 0.2, "papers": 0.1}  # share of the samples

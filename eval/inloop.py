@@ -6,7 +6,7 @@ run time: ``build_inloop_validator`` returns a torchtitan validator that runs
 in torchtitan's loop beside ``[validation]``, so titan_moe never imports eval.
 The scoring itself is one call:
 
-    from eval.inloop import InLoopEval, maybe_evaluate
+    from eval.inloop import maybe_evaluate
     scalars = maybe_evaluate(job_config.eval, step, model_parts[0], seq_len=job_config.training.seq_len)
     if scalars: metric_logger.log(scalars, step)   # {"eval/paloma/macro_ce": ..., ...}
 
@@ -15,23 +15,22 @@ expert-parallel-sharded; scoring runs in lock-step and gathers results).
 The model is put in eval mode and restored, and MoE load counters are left
 untouched, so the bias update after the next step sees only training tokens.
 
-The `[eval]` section itself (`InLoopEval`) belongs to the run config, so it
+The `[eval]` section itself (`EvalSettings`) belongs to the run config, so it
 lives in `titan_moe.job_config`.
 """
 
 import functools
-from pathlib import Path
 from typing import Any
 
 from torchtitan.components.validate import BaseValidator
 
 from eval.models import ModuleLogitsModel
 from eval.report import scalars
-from eval.suite import SuiteConfig, run_suite
+from eval.suite import run_suite
 from eval.tokenizer import TextTokenizer
-from titan_moe.job_config import InLoopEval
+from titan_moe.job_config import EvalSettings
 
-__all__ = ["InLoopEval", "InLoopEvalValidator", "build_inloop_validator", "maybe_evaluate"]
+__all__ = ["InLoopEvalValidator", "build_inloop_validator", "maybe_evaluate"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -39,20 +38,13 @@ def _tokenizer(name: str, eos_id: int) -> TextTokenizer:
     return TextTokenizer.load(name, eos_id=None if eos_id < 0 else eos_id)
 
 
-def maybe_evaluate(cfg: InLoopEval, step: int, model, *, seq_len: int, group=None, name: str = "train") -> dict | None:
+def maybe_evaluate(cfg: EvalSettings, step: int, model, *, seq_len: int, group=None, name: str = "train") -> dict | None:
     """Flat `eval/...` scalars when `step` is an eval step, else None (call on every rank)."""
     if not cfg.enabled() or step % cfg.freq:
         return None
     tok = _tokenizer(cfg.tokenizer, cfg.eos_id)
     lm = ModuleLogitsModel(model, max_seq_len=seq_len, eos_id=tok.eos_id, name=name, step=step)
-    suite = SuiteConfig(
-        data_root=Path(cfg.data_root) if cfg.data_root else None,
-        shots=tuple(int(s) for s in cfg.shots.split(",") if s.strip()),
-        limit=cfg.limit or None,
-        batch_tokens=cfg.batch_tokens,
-        progress=False,
-    )
-    results = run_suite(lm, tok, cfg.tasks, config=suite, group=group)
+    results = run_suite(lm, tok, cfg, group=group, progress=False)
     return scalars({"tasks": results["tasks"]})
 
 
@@ -61,7 +53,7 @@ class InLoopEvalValidator(BaseValidator):
 
     def __init__(self, job_config: Any, metrics_processor: Any):
         super().__init__(job_config)
-        self.cfg: InLoopEval = job_config.eval
+        self.cfg: EvalSettings = job_config.eval
         self.metrics_processor = metrics_processor
 
     def should_validate(self, step: int) -> bool:

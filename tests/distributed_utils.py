@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "jobs" / "configs"
+CONFIGS = REPO / "titan_moe" / "configs"
 JOBS_DRIVER = Path(__file__).resolve().parent / "trainer_jobs.py"
 
 

@@ -1,8 +1,7 @@
-"""Shared pieces of the eval tests: real data paths, tiny models, an independent reference scorer.
+"""Shared pieces of the eval tests: the real tokenizer, tiny models, an independent reference scorer.
 
-The reference scorer deliberately avoids every part of `eval`: it reads data
-with `datasets.load_from_disk`, tokenizes with transformers' fast tokenizer,
-and scores one unpadded sequence per forward pass.
+The reference scorer deliberately avoids every part of `eval`: it tokenizes
+with transformers' fast tokenizer and scores one unpadded sequence per forward pass.
 """
 
 from __future__ import annotations
@@ -13,19 +12,18 @@ import pytest
 import torch
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-EVAL_DATA = SHARED / "eval"
 TOKENIZER_JSON = SHARED / "tokenizers" / "allenai_gpt-neox-olmo-dolma-v1_5.json"
 EOS = 50279
 
 
 def require_shared_data() -> None:
-    if not (EVAL_DATA / "boolq").is_dir() or not TOKENIZER_JSON.is_file():
-        pytest.skip(f"shared eval data / tokenizer not found next to the repo ({SHARED})")
+    if not TOKENIZER_JSON.is_file():
+        pytest.skip(f"the shared OLMoE tokenizer copy is not next to the repo ({TOKENIZER_JSON})")
 
 
 def make_tiny_model(tmp_dir: Path, arch: str = "llama", max_seq_len: int = 256) -> Path:
     pytest.importorskip("transformers", reason="the HF adapter tests need transformers (dev group)")
-    from eval.tiny import save_tiny_hf_model
+    from tests.tiny_models import save_tiny_hf_model
 
     require_shared_data()
     return save_tiny_hf_model(tmp_dir / f"tiny_{arch}", TOKENIZER_JSON, arch=arch, max_seq_len=max_seq_len)

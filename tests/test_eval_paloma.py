@@ -107,11 +107,11 @@ def setup(tmp_path_factory):
 
 
 def _score(root, model_dir, tasks="paloma:c4_en+dolma_books"):
-    from eval import SuiteConfig, load_hf_model, run_suite
+    from eval import EvalSettings, load_hf_model, run_suite
 
     lm, tok = load_hf_model(model_dir, max_seq_len=WINDOW)
-    cfg = SuiteConfig(data_root=root, progress=False, batch_tokens=64, return_examples=True)
-    return run_suite(lm, tok, tasks, config=cfg)
+    settings = EvalSettings(tasks=tasks, data_root=str(root), batch_tokens=64)
+    return run_suite(lm, tok, settings, progress=False, return_examples=True)
 
 
 def _reference_logprob(ref: Reference, text: str) -> float:
@@ -191,11 +191,11 @@ def _copy_tokenized(src, dst, *, sidecar: bool, dtype: str = "uint16", metadata:
 
 
 def _scores(root, model_dir, **cfg):
-    from eval import SuiteConfig, load_hf_model, run_suite
+    from eval import EvalSettings, load_hf_model, run_suite
 
     lm, tok = load_hf_model(model_dir, max_seq_len=WINDOW)
-    config = SuiteConfig(data_root=root, progress=False, batch_tokens=64, **cfg)
-    return run_suite(lm, tok, "paloma:c4_en+dolma_books", config=config)["tasks"]["paloma"]["subsets"]
+    settings = EvalSettings(tasks="paloma:c4_en+dolma_books", data_root=str(root), batch_tokens=64, **cfg)
+    return run_suite(lm, tok, settings, progress=False)["tasks"]["paloma"]["subsets"]
 
 
 def test_npy_without_sidecar_splits_on_eos_zero(setup, tmp_path):

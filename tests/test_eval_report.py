@@ -5,39 +5,20 @@ from __future__ import annotations
 import json
 import math
 
-from eval.metrics import aggregate, perplexity, score_question
+from eval.metrics import perplexity
 from eval.report import build_document, markdown_table, scalars, write_json
 
 
 def _doc():
-    # Two questions, hand-checked: q1 LLs [-2, -3] over " yes"/" no" -> pred 0 (gold 0);
-    # per char -2/4=-0.5 vs -3/3=-1 -> 0.  q2 gold 1: LLs [-4, -5] -> pred 0 (wrong);
-    # per char -1 vs -5/3=-1.67 -> 0 (wrong).  CE/char: 2/3 ("yes") and 5/2 ("no").
-    qs = [
-        score_question("a", None, [-2.0, -3.0], [" yes", " no"], 0),
-        score_question("b", None, [-4.0, -5.0], [" yes", " no"], 1),
-    ]
-    boolq = aggregate(qs) | {"num_fewshot": 0, "skipped": 1}
     pal = perplexity(sum_logprob=-200.0, tokens=100, n_bytes=400, documents=3) | {"skipped": 0}
-    tasks = {
-        "paloma": {"subsets": {"c4_en": pal}, "macro_ce": pal["ce"], "macro_bits_per_byte": pal["bits_per_byte"]},
-        "boolq": boolq,
-    }
+    tasks = {"paloma": {"subsets": {"c4_en": pal}, "macro_ce": pal["ce"], "macro_bits_per_byte": pal["bits_per_byte"]}}
     return build_document({"tasks": tasks, "elapsed_s": 1.0}, model_name="m", step=42, source={}, settings={})
 
 
 def test_metrics_match_hand_computation():
-    doc = _doc()
-    boolq = doc["tasks"]["boolq"]
-    assert (boolq["accuracy"], boolq["accuracy_per_char"], boolq["n"]) == (0.5, 0.5, 2)
-    assert math.isclose(boolq["ce_per_char"], (2 / 3 + 5 / 2) / 2)
-    c4 = doc["tasks"]["paloma"]["subsets"]["c4_en"]
+    c4 = _doc()["tasks"]["paloma"]["subsets"]["c4_en"]
     assert c4["ce"] == 2.0 and math.isclose(c4["ppl"], math.exp(2.0))
     assert math.isclose(c4["bits_per_byte"], 200 / (400 * math.log(2)))
-
-
-def test_ties_go_to_the_first_choice():
-    assert score_question("t", None, [-1.0, -1.0], [" a", " b"], 1).pred == 0
 
 
 def test_markdown_table_and_scalars():
@@ -45,10 +26,8 @@ def test_markdown_table_and_scalars():
     table = markdown_table(doc)
     assert "**m** (step 42)" in table
     assert "| c4_en | 3 | 100 | 2.0000 | 7.39 | 0.7213 |" in table
-    assert "| boolq | 0 | 2 | 0.5000 | 0.5000 | 1.5833 | 1 |" in table
     flat = scalars(doc)
     assert flat["eval/paloma/c4_en/ce"] == 2.0 and flat["eval/paloma/macro_ce"] == 2.0
-    assert flat["eval/boolq/accuracy"] == 0.5 and "eval/boolq/n" not in flat
 
 
 def test_write_json_is_atomic_and_complete(tmp_path):

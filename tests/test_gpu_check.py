@@ -21,6 +21,8 @@ def gpu_check(tmp_path, *args, timeout=2400):
 
 
 @pytest.mark.slow
+@pytest.mark.stress  # ~4 minutes; the main suite runs the command through grouped_vs_loop (test_wheel_install),
+# host syncs (test_model_routing), compiled training (test_model_compile) and a stage deadline (below)
 def test_smoke_runs_every_stage_and_passes(tmp_path):
     proc, report = gpu_check(tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

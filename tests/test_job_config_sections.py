@@ -69,3 +69,23 @@ def test_section_tables_are_checked_by_name(arch, moe, field):
     with pytest.raises(ConfigError) as err:
         TitanMoEModelArgs.from_sections(arch, moe, 16)
     assert err.value.field == field
+
+
+@pytest.mark.parametrize("where", ["toml", "override"])
+def test_model_flavor_is_refused_with_the_fix(tmp_path, where):
+    """titan-moe has no flavor presets: a flavor would be silently ignored, so it is refused."""
+    from tests.distributed_utils import config
+
+    text = open(config("tiny_dense")).read()
+    overrides = []
+    if where == "toml":
+        text = text.replace('name = "titan_moe"', 'name = "titan_moe"\nflavor = "tiny"')
+    else:
+        overrides = ["--model.flavor", "tiny"]
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        job_config.load_run_config(path, overrides)
+    assert str(err.value).startswith("model.flavor: 'tiny' would be ignored")
+    assert "builds the model from [arch] and [moe]" in str(err.value) and "delete the key" in str(err.value)
+    assert job_config.load_run_config(config("tiny_dense")).model.name == "titan_moe"  # the shipped configs pass

@@ -119,7 +119,7 @@ def test_cli_reports_the_error_and_exits_2(tmp_path, capsys):
 def test_a_config_without_dataset_names_the_field_not_the_cluster(tmp_path):
     # The shipped example has no [training].dataset: torchtitan's default 'c4_test' is not ours.
     # Whatever the config layer defaults it to, the error (if any) must not blame the cluster shape.
-    config = REPO / "jobs" / "configs" / "olmoe_like_small.toml"
+    config = REPO / "titan_moe" / "configs" / "olmoe_like_small.toml"
     try:
         render_run(config, 1, 8, IMAGE, tmp_path / "out")
     except ConfigError as err:

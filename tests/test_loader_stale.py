@@ -15,7 +15,7 @@ import pytest
 
 from tests.mds_streams import sample_tokens, write_prep_output
 from titan_moe.data.manifest import read_prep_output
-from titan_moe.data.store import SHM_DIR, ShardStore, _registered_locals
+from titan_moe.data.shard_store import SHM_DIR, ShardStore, _registered_locals
 from titan_moe.errors import ConfigError
 
 SEQ = 32
@@ -26,7 +26,7 @@ CHILD = textwrap.dedent(
     import sys, time
     import numpy as np
     from titan_moe.data.manifest import read_prep_output
-    from titan_moe.data.store import ShardStore
+    from titan_moe.data.shard_store import ShardStore
 
     root, starting, reading = sys.argv[1:4]
     prep = read_prep_output(root, field="data.root", seq_len=32)

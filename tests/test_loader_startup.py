@@ -63,7 +63,7 @@ def _count_readers(monkeypatch) -> list[int]:
 def test_shard_readers_are_built_on_first_read_only(tmp_path, monkeypatch):
     from tests.mds_streams import sample_tokens, write_prep_output
     from titan_moe.data.manifest import read_prep_output
-    from titan_moe.data.store import ShardStore
+    from titan_moe.data.shard_store import ShardStore
 
     root = write_prep_output(tmp_path / "prep", {"a": 300, "b": 200}, shard_bytes=1 << 10)
     prep = read_prep_output(str(root), field="data.root", seq_len=32)

@@ -14,7 +14,7 @@ of the baseline gives one ratio, and the verdict comes from the median of those
 ratios and its interval (``titan_moe.bench_stats``): ``faster`` when the whole
 interval clears ``--target`` (1.1x), ``slower`` when it is all below,
 ``inconclusive`` when it straddles the target.  CONFIG is a path or a name
-under ``jobs/configs/`` (default: ``bench_olmoe_1b7b`` -- 16 layers, dim 2048,
+under ``titan_moe/configs/`` (default: ``bench_olmoe_1b7b`` -- 16 layers, dim 2048,
 64 experts of hidden 1024, top-8, seq 4096 -- on a GPU, ``bench_cpu_small`` on
 CPU).  Not a test: the numbers depend on the machine.
 """
@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from titan_moe import bench_stats
+from titan_moe.configs import shipped
 from titan_moe.infra.torchrun import torchrun_command, torchrun_env
 from titan_moe.job_config import load_run_config
 from titan_moe.overrides import parse_args_and_overrides
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 # The two engines, in the order each repeat runs them.
 ENGINES = {"titan_moe": "titan_moe.train", "baseline": "titan_moe.bench_baseline"}
 METRICS = {"tokens/s per device": "throughput(tps)", "MFU %": "mfu(%)", "TFLOP/s per device": "tflops"}
@@ -49,10 +49,10 @@ def resolve_config(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    named = CONFIG_DIR / f"{name}.toml"
-    if named.is_file():
-        return named
-    raise FileNotFoundError(f"no run config {name!r} (neither a file nor {named})")
+    try:
+        return shipped(name)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no run config {name!r}: not a file, and {exc}") from None
 
 
 def summarize(rows: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def build_parser(gpu: bool, gpus: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="titan-moe bench", description=__doc__.split("\n\n")[0],
                                      epilog="Other --section.key value pairs (or after --) override the run config.")
     parser.add_argument("config", nargs="?", default="bench_olmoe_1b7b" if gpu else "bench_cpu_small",
-                        help="run config path or name under jobs/configs/")
+                        help="run config path or name of a shipped config (titan_moe/configs/)")
     parser.add_argument("--nproc", type=int, default=gpus if gpu else 1)
     parser.add_argument("--steps", type=int, default=10,
                         help=f"steps per run (the first {WARMUP_STEPS} are warm-up; default 10)")

@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "jobs" / "configs"
+from titan_moe.configs import shipped
+
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ def _trainer(argv: list[str], folder: Path, nproc: int = 1) -> list[dict]:
            "--local-ranks-filter", "0", "-m", "titan_moe.train", *argv, "--job.dump_folder", str(folder),
            "--metrics.log_freq", "1", "--metrics.no-enable-tensorboard", "--checkpoint.no-enable"]
     with open(folder / "train.log", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
     if proc.returncode != 0:
         raise RuntimeError(f"trainer exited {proc.returncode}:\n{(folder / 'train.log').read_text()[-3000:]}")
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -213,7 +213,7 @@ def _trainer(argv: list[str], folder: Path, nproc: int = 1) -> list[dict]:
 
 def stage_train_compiled(smoke: bool, workdir: Path) -> dict:
     steps = 12 if smoke else 40
-    argv = ["--job.config_file", str(CONFIGS / "tiny_moe.toml"), "--training.steps", str(steps),
+    argv = ["--job.config_file", str(shipped("tiny_moe")), "--training.steps", str(steps),
             "--compile.enable", "--training.mixed_precision_param", "bfloat16", "--moe.expert_impl", "grouped",
             "--lr_scheduler.warmup_steps", "2"]
     if smoke:  # one CPU process has no FSDP to cast parameters: bf16 comes from torchtitan's autocast

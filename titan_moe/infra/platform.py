@@ -15,8 +15,8 @@ Use it before anything imports torchtitan::
 and, after FSDP wrapping, ``platform.adapt_fsdp(model)`` (a no-op unless the
 CPU adapter is active).  The GPU path never enters ``_activate_cpu``.
 
-Also required on CPU, but handled by the model rather than here (see
-ARCHITECTURE.md "torchtitan on CPU"): SDPA attention (FlexAttention has no CPU
+Also required on CPU, but handled by the model rather than here (the
+README's MoE section): SDPA attention (FlexAttention has no CPU
 backward), ``bincount`` instead of ``histc`` on integer tensors, and a torch
 (not triton) token permutation for expert parallel (``expert_parallel.py``).
 """

@@ -1,7 +1,7 @@
-"""Tiny randomly initialised Hugging Face models for tests and benchmarks.
+"""Tiny randomly initialised Hugging Face models for the eval tests and the eval benchmark.
 
-Small enough to score real BoolQ/MMLU questions on a laptop CPU in seconds,
-with the real OLMoE tokenizer (so the vocabulary must cover its 50280 ids).
+Small enough to score downstream tasks and Paloma documents on a laptop CPU in
+seconds, with the real OLMoE tokenizer (so the vocabulary must cover its 50280 ids).
 """
 
 from __future__ import annotations
