@@ -24,6 +24,7 @@ from titan_moe.job_config import MODEL_NAME, load_run_config
 from titan_moe.model.args import TitanMoEModelArgs
 from titan_moe.model.transformer import Transformer
 
+
 @dataclass
 class TrainedRunConfig:
     """The run config a checkpoint was trained with, read by the trainer's own reader.
