@@ -132,7 +132,12 @@ def load_checkpoint_model(
     else:
         from titan_moe.data.run_tokenizer import candidates
 
-        found = run.tokenizer(str(step_dir.parent))
+        from titan_moe.storage import StorageError
+
+        try:
+            found = run.tokenizer(str(step_dir.parent))
+        except StorageError as exc:  # an unreachable store is not "no tokenizer": say which
+            raise ConfigError("--tokenizer", f"cannot read the run's tokenizer: {exc}") from exc
         if found is None:
             raise ConfigError(
                 "--tokenizer",
