@@ -9,7 +9,7 @@ before their records; here the tail shards, then ``index.json``, then
 source's work files are deleted.  Finalizing is idempotent, so the explicit
 ``--finalize`` Job and a last shard that finalizes by itself may overlap.
 
-The mixture manifest ``OUTPUT/manifest.json`` is rebuilt from **every**
+The mixture manifest ``OUTPUT/manifest.json`` (after ``OUTPUT/tokenizer.json``) is rebuilt from **every**
 complete stream in the output root (a directory with a ``manifest.json``),
 not from this run's sources, and re-listed after writing until stable: two
 concurrent runs with disjoint ``--sources`` cannot drop each other's streams.
@@ -24,7 +24,7 @@ import numpy as np
 from data_prep.groups import FileGroup
 from data_prep.mds import index_json
 from data_prep.writer import write_tail
-from titan_moe.data.contract import INDEX, MANIFEST, FileStats, SourceManifest, dumps, mixture_manifest
+from titan_moe.data.contract import INDEX, MANIFEST, TOKENIZER, FileStats, SourceManifest, dumps, mixture_manifest
 from titan_moe.errors import ConfigError
 from titan_moe.storage import StorageError, Store
 
@@ -159,6 +159,9 @@ class Finalizer:
                 streams, seq_len=self.seq_len, tokenizer=self.tok.name, tokenizer_sha256=self.tok.sha256,
                 eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, dtype=self.tok.dtype,
             )
+            # The tokenizer first: a root whose manifest a reader sees has its tokenizer too.
+            # Every stream was checked to share this tokenizer's sha256 (complete_streams).
+            self.out.write_bytes(TOKENIZER, self.tok.json.encode())
             self.out.write_bytes(MANIFEST, dumps(mixture))
             # A stream completed by a concurrent run after our listing is in the next one.
             if set(self.complete_streams()) == set(streams):

@@ -10,8 +10,6 @@ reshards onto however many ranks evaluate, each holding a full replica.
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +18,11 @@ import torch
 
 from eval.models import ModuleLogitsModel
 from eval.tokenizer import TextTokenizer
-from titan_moe.checkpoint import catalog
+from titan_moe.checkpoint import model_state
 from titan_moe.errors import ConfigError
 from titan_moe.job_config import MODEL_NAME, load_run_config
 from titan_moe.model.args import TitanMoEModelArgs
 from titan_moe.model.transformer import Transformer
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -70,65 +66,21 @@ class TrainedRunConfig:
         # A sibling of the trainer's timestamped runs, so both show in one TensorBoard.
         return self.dump_folder / self.job.metrics.save_tb_folder / "eval"
 
-    def _prep_manifest(self) -> dict:
-        """The mixture manifest `titan-moe prep` wrote at [data].root (local roots only)."""
-        root = self.job.data.root
-        if root and "://" not in str(root) and (Path(root) / "manifest.json").is_file():
-            return json.loads((Path(root) / "manifest.json").read_text())
-        return {}
+    def tokenizer(self, checkpoint_folder: str | None = None):
+        """The run's tokenizer (titan_moe.data.run_tokenizer: assets, checkpoint copy, [data].root), or None."""
+        from titan_moe.data import run_tokenizer
 
-    def tokenizer_path(self) -> str | None:
-        """[model].hf_assets_path/tokenizer.json, else the tokenizer the training data was prepped with."""
-        assets = self.job.model.hf_assets_path
-        if assets and (Path(assets) / "tokenizer.json").is_file():
-            return str(Path(assets) / "tokenizer.json")
-        return self._prep_manifest().get("tokenizer") or None
-
-    def eos_id(self) -> int | None:
-        value = self._prep_manifest().get("eos_id")
-        return int(value) if value is not None else None
+        return run_tokenizer.find(self.job, checkpoint_folder)
 
 
 def resolve_step_dir(path: str | Path) -> tuple[Path, int]:
     """A `step-N` directory as given, or the newest complete one inside a checkpoint folder.
 
-    "Complete" is the trainer's definition (titan_moe.checkpoint.catalog): a
-    COMMITTED marker whose file list matches what is on disk.
+    "Complete" is the trainer's definition (titan_moe.checkpoint.catalog), shared with
+    export through titan_moe.checkpoint.model_state.resolve.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError("--checkpoint", f"{path} is not a directory")
-    match = STEP_DIR.match(path.name)
-    if match:
-        info = catalog.inspect(str(path.parent), int(match.group(1)))
-        if not info.loadable:
-            raise ConfigError("--checkpoint", f"{path} cannot be loaded: {info.problem}")
-        return path, info.step
-    complete = [info for info in catalog.list_checkpoints(str(path)) if info.loadable]
-    if not complete:
-        raise ConfigError("--checkpoint", f"{path} holds no complete step-N checkpoint (one with a COMMITTED marker)")
-    return Path(complete[-1].path), complete[-1].step
-
-
-def _check_against_metadata(step_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
-    """Fail with the keys/shapes that differ, instead of DCP's terse error deep in a load."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    saved = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
-    missing = [k for k in state_dict if k not in saved]
-    wrong = [
-        f"{k}: checkpoint {tuple(saved[k].size)} vs config {tuple(v.shape)}"
-        for k, v in state_dict.items()
-        if k in saved and hasattr(saved[k], "size") and tuple(saved[k].size) != tuple(v.shape)
-    ]
-    if missing or wrong:
-        lines = ([f"missing {k}" for k in missing[:10]] + wrong[:10])
-        raise ConfigError(
-            "--config",
-            f"the run config does not describe the model saved in {step_dir} "
-            f"({len(missing)} missing, {len(wrong)} mis-shaped):\n  " + "\n  ".join(lines)
-            + "\npass the run config the checkpoint was trained with",
-        )
+    info = model_state.resolve(str(path))
+    return Path(info.path), info.step
 
 
 def load_model_weights(model: torch.nn.Module, step_dir: Path) -> None:
@@ -137,7 +89,8 @@ def load_model_weights(model: torch.nn.Module, step_dir: Path) -> None:
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     state_dict = model.state_dict()
-    _check_against_metadata(step_dir, state_dict)
+    # The same check export runs: names and shapes against the saved metadata, before any read.
+    model_state.check_matches(str(step_dir), {k: tuple(v.shape) for k, v in state_dict.items()})
     # Only model keys are requested: optimizer/dataloader/train_state entries are left unread.
     dcp.load(state_dict, checkpoint_id=str(step_dir), planner=DefaultLoadPlanner())
     model.load_state_dict(state_dict)
@@ -174,14 +127,25 @@ def load_checkpoint_model(
         for param in model.parameters():
             param.data = param.data.to(dtype)
     model.eval()
-    tok_source = tokenizer or run.tokenizer_path()
-    if tok_source is None:
-        raise ConfigError(
-            "--tokenizer",
-            f"{run.path} leads to no tokenizer (no [model].hf_assets_path/tokenizer.json, no local "
-            "[data].root/manifest.json); pass --tokenizer PATH/tokenizer.json or a hub id",
-        )
-    tok = TextTokenizer.load(tok_source, eos_id=eos_id if eos_id is not None else run.eos_id())
+    if tokenizer:
+        tok = TextTokenizer.load(tokenizer, eos_id=eos_id)
+    else:
+        from titan_moe.data.run_tokenizer import candidates
+
+        from titan_moe.storage import StorageError
+
+        try:
+            found = run.tokenizer(str(step_dir.parent))
+        except StorageError as exc:  # an unreachable store is not "no tokenizer": say which
+            raise ConfigError("--tokenizer", f"cannot read the run's tokenizer: {exc}") from exc
+        if found is None:
+            raise ConfigError(
+                "--tokenizer",
+                f"{run.path} leads to no tokenizer (none of {', '.join(candidates(run.job, str(step_dir.parent)))} "
+                "exists); pass --tokenizer PATH/tokenizer.json or a hub id, or train on data written by "
+                "`titan-moe prep` (it writes [data].root/tokenizer.json)",
+            )
+        tok = TextTokenizer.from_text(found.text, found.source, eos_id=eos_id if eos_id is not None else found.eos_id)
     if tok.vocab_size > args.padded_vocab_size:
         raise ConfigError("--tokenizer", f"tokenizer has {tok.vocab_size} ids, the model only {args.padded_vocab_size}")
     unnamed = run.job.job.description == type(run.job.job)().description  # torchtitan's "default job"

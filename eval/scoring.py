@@ -201,33 +201,75 @@ def score_requests(
     return [merged[i] for i in range(len(requests))]
 
 
+# Scored positions handled at once: a block of this many logits (float32: 16 MB) stays in
+# the CPU's cache between cross-entropy's passes and is reused by the allocator, where a
+# whole-batch block (gigabytes at a 50k vocabulary) would be fetched from memory again on
+# every pass and page-faulted in fresh for every batch.  Measured on CPU: cross-entropy in
+# 64-row blocks takes half the time of one call over 4096 rows.
+CE_BLOCK_ELEMENTS = 1 << 22
+
+
+def _runs(rows, inputs, requests, S: int) -> list[tuple[int, int]]:
+    """(first flat position, length) of the scored positions, adjacent rows' runs merged.
+
+    A Paloma window's scored positions are one run at the end of its row; full
+    windows of consecutive rows join into one long run.  Answers are short runs.
+    """
+    runs: list[tuple[int, int]] = []
+    for r, i in enumerate(rows):
+        n, m = len(requests[i].continuation), len(inputs[i])
+        start = r * S + m - n
+        if runs and runs[-1][0] + runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], runs[-1][1] + n)
+        else:
+            runs.append((start, n))
+    return runs
+
+
 def _continuation_logprobs(logits, rows, inputs, requests, chunk: int) -> list[float]:
     """Sum over each row's continuation positions of log p(target); float32 math, float64 sums.
 
-    The scored positions are addressed in the flattened [B*S, V] logits and
-    handled `chunk` positions at a time: a run of consecutive positions (a
-    Paloma window) is a view, scattered ones (answers) are gathered, so the
-    float32 temporaries never exceed `chunk` x vocab.
+    The scored positions are addressed in the flattened [B*S, V] logits, in
+    blocks of at most `chunk` positions sized to stay in cache (CE_BLOCK_ELEMENTS):
+    long runs of consecutive positions (Paloma windows) are read as views, never
+    copied; short scattered runs (answers) are gathered together, so a gathered
+    copy holds only scored positions.
     """
     B, S, V = logits.shape
     flat = logits.reshape(B * S, V)
-    index, targets, lengths = [], [], []
-    for r, i in enumerate(rows):
-        n, m = len(requests[i].continuation), len(inputs[i])
-        index += range(r * S + m - n, r * S + m)
+    targets, lengths = [], []
+    for i in rows:
         targets += requests[i].continuation
-        lengths.append(n)
-    target_t = torch.tensor(targets, device=logits.device)
-    token_lp = torch.empty(len(index), dtype=torch.float64)
-    for s in range(0, len(index), chunk):
-        part = index[s : s + chunk]
-        if part[-1] - part[0] + 1 == len(part):
-            sel = flat[part[0] : part[-1] + 1]
-        else:
-            sel = flat[torch.tensor(part, device=logits.device)]
-        nll = F.cross_entropy(sel.float(), target_t[s : s + chunk], reduction="none")
-        token_lp[s : s + len(part)] = -nll.double().cpu()
-    # Per-row sums on CPU in a fixed order: reproducible whatever the device.
+        lengths.append(len(requests[i].continuation))
+    device = logits.device
+    target_t = torch.tensor(targets, device=device)
+    block = max(1, min(chunk, CE_BLOCK_ELEMENTS // V))
+    pieces: list[torch.Tensor] = []  # -log p per scored position, in target order
+
+    def score(sel: torch.Tensor, lo: int) -> None:
+        pieces.append(F.cross_entropy(sel.float(), target_t[lo : lo + sel.shape[0]], reduction="none"))
+
+    done, gathered = 0, []  # gathered: flat positions of short runs waiting for one gather
+    for start, n in _runs(rows, inputs, requests, S):
+        if n < block // 2:
+            gathered += range(start, start + n)
+            if len(gathered) >= block:
+                score(flat[torch.tensor(gathered, device=device)], done)
+                done += len(gathered)
+                gathered = []
+            continue
+        if gathered:
+            score(flat[torch.tensor(gathered, device=device)], done)
+            done += len(gathered)
+            gathered = []
+        for lo in range(start, start + n, block):
+            hi = min(start + n, lo + block)
+            score(flat[lo:hi], done)
+            done += hi - lo
+    if gathered:
+        score(flat[torch.tensor(gathered, device=device)], done)
+    # One device-to-host copy per batch; per-row sums on CPU in a fixed order: reproducible on any device.
+    token_lp = -torch.cat(pieces).double().cpu()
     out, start = [], 0
     for n in lengths:
         out.append(float(token_lp[start : start + n].sum()))

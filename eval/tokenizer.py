@@ -39,10 +39,30 @@ class TextTokenizer:
         return cls(backend, _resolve_eos(backend, eos_id, path.parent), str(path))
 
     @classmethod
+    def from_text(cls, text: str, source: str, eos_id: int | None = None) -> TextTokenizer:
+        """A tokenizer.json already read (from object storage, a checkpoint folder, ...)."""
+        from tokenizers import Tokenizer
+
+        try:
+            backend = Tokenizer.from_str(text)
+        except Exception as exc:  # a truncated or foreign file: name it
+            raise ConfigError("tokenizer", f"{source} is not a valid tokenizer.json ({exc})") from exc
+        return cls(backend, _resolve_eos(backend, eos_id, None), source)
+
+    @classmethod
     def load(cls, name_or_path: str, eos_id: int | None = None) -> TextTokenizer:
-        """A local tokenizer.json (or a directory holding one), else a hub id."""
+        """A local tokenizer.json (or a directory holding one), an object-store URL, else a hub id."""
         if Path(name_or_path).exists():
             return cls.from_file(name_or_path, eos_id)
+        from titan_moe import storage
+
+        if storage.is_url(name_or_path):
+            url = name_or_path if name_or_path.endswith(".json") else storage.join(name_or_path, "tokenizer.json")
+            parent, _, name = url.rpartition("/")
+            raw = storage.Store(parent).read_bytes(name)
+            if raw is None:
+                raise ConfigError("tokenizer", f"no tokenizer.json at {url}")
+            return cls.from_text(raw.decode(), url, eos_id)
         from tokenizers import Tokenizer
 
         try:

@@ -10,6 +10,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CRD_DIR = REPO / "k8s" / "crds"  # the pinned JobSet and Kueue CRDs
 IMAGE = "registry.example.com/ml/titan-moe:0.1.0"
+TOKENIZER_DIR = "/models/olmoe-tokenizer"  # a folder the cluster's image would hold
 
 
 def crd_path() -> Path:
@@ -24,10 +25,15 @@ def run_toml(
     checkpoint: str = "",
     **parallelism: int,
 ) -> str:
-    """A tiny synthetic-data run config; ``parallelism`` keys are torchtitan's [parallelism] names."""
+    """A tiny synthetic-data run config; ``parallelism`` keys are torchtitan's [parallelism] names.
+
+    Synthetic tokens have no tokenizer: ``hf_assets_path`` names where the cluster's
+    eval Job would find one (render refuses a run whose eval Job could not).
+    """
     lines = [
         "[model]",
         'name = "titan_moe"',
+        f'hf_assets_path = "{TOKENIZER_DIR}"',
         "[arch]",
         "dim = 32",
         "n_layers = 2",

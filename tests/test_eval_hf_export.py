@@ -220,3 +220,103 @@ def test_sweep_collect_exports_every_exportable_point(tmp_path):
     rows()
     assert json.loads((points / "tiny_dense" / "hf" / "titan_moe_export.json").read_text())["step"] == 9
     assert (points / "tiny_g1-4_s2" / "hf" / "model.safetensors").stat().st_mtime_ns == untouched
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_export_refuses_a_config_that_does_not_describe_the_checkpoint(tmp_path, capsys):
+    """4 experts on an 8-expert checkpoint, MoE on dense, other GQA: refused before anything is written."""
+    point, _ = _point(tmp_path / "p", "true", DESIGNS["moe_renormalized"][1])  # 8 experts, top-3
+    before = _tree(tmp_path)
+    wrong = {
+        "experts": ARCH.format(dump=point, assets=point / "assets", qk_norm="true")
+        + MOE.format(sets='{ num_experts = 4, granularity = "1/4", top_k = 2 }', gen="0", routing="dropless",
+                     renorm="true"),
+        "dense": ARCH.format(dump=point, assets=point / "assets", qk_norm="true"),
+        "gqa": ARCH.format(dump=point, assets=point / "assets", qk_norm="true").replace("n_kv_heads = 2", "n_kv_heads = 4")
+        + MOE.format(**DESIGNS["moe_renormalized"][1]),
+    }
+    expected = {
+        "experts": "layers.0.moe.sets.0.experts.w1: checkpoint (8, 16, 32) vs config (4, 16, 32)",
+        "dense": "missing layers.0.feed_forward.w1.weight",
+        "gqa": "layers.0.attention.wk.weight: checkpoint (16, 32) vs config (32, 32)",
+    }
+    for name, text in wrong.items():
+        config = tmp_path / f"{name}.toml"
+        config.write_text(text)
+        out = tmp_path / f"hf-{name}"
+        code = checkpoints_main(["export", str(point / "checkpoint"), "--format", "hf", "--config", str(config),
+                                 "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "--config: the run config does not describe the model saved in" in err and expected[name] in err, err
+        assert "pass the run config the checkpoint was trained with" in err
+        assert not out.exists() and not list(tmp_path.glob(".hf-*"))
+        config.unlink()
+    assert _tree(tmp_path) == before  # nothing written or changed anywhere
+
+
+def test_export_accepts_a_step_folder_and_never_overwrites_silently(tmp_path, capsys):
+    point, model = _point(tmp_path / "p", "true", DESIGNS["moe"][1])
+    step_dir = point / "checkpoint" / "step-5"
+
+    # A complete step-N folder is a checkpoint (as for eval); its config is found next to the checkpoint folder.
+    hf = tmp_path / "hf"
+    assert checkpoints_main(["export", str(step_dir), "--format", "hf", "--out", str(hf)]) == 0
+    assert json.loads((hf / "titan_moe_export.json").read_text())["step"] == 5
+    pt = tmp_path / "model.pt"
+    assert checkpoints_main(["export", str(step_dir), "--out", str(pt)]) == 0
+    saved = torch.load(pt, weights_only=True)
+    assert saved["step"] == 5 and torch.equal(saved["model"]["output.weight"], model.output.weight)
+    capsys.readouterr()
+
+    def refused(argv: list[str], message: str) -> None:
+        before = _tree(tmp_path)
+        assert checkpoints_main(["export", str(step_dir), *argv]) == 2
+        assert message in capsys.readouterr().err
+        assert _tree(tmp_path) == before and not list(tmp_path.glob(".*tmp*"))
+
+    refused(["--out", str(pt)], f"--out: {pt} exists; choose a new file or pass --force to overwrite it")
+    refused(["--out", str(hf)], f"--out: {hf} is a folder; --format pt writes one file")
+    refused(["--out", str(pt / "x.pt")], f"--out: {pt} is a file, not a folder")
+    refused(["--format", "hf", "--out", str(pt)], f"--out: {pt} is a file; --format hf writes a folder")
+    refused(["--format", "hf", "--out", str(hf)], f"--out: {hf} exists and is not empty; choose a new folder or "
+                                                  "pass --force to replace it")
+    refused(["--format", "hf", "--out", str(tmp_path / "new"), "--step", "7"], "--step: ")
+    (point / "checkpoint" / "step-5" / "COMMITTED").rename(point / "checkpoint" / "step-5" / "C")
+    refused(["--out", str(tmp_path / "new.pt")], "cannot be loaded: no COMMITTED marker")
+    (point / "checkpoint" / "step-5" / "C").rename(point / "checkpoint" / "step-5" / "COMMITTED")
+
+    # --force replaces, whole.
+    (hf / "stale.txt").write_text("from an older export")
+    assert checkpoints_main(["export", str(step_dir), "--format", "hf", "--out", str(hf), "--force"]) == 0
+    assert not (hf / "stale.txt").exists() and (hf / "model.safetensors").is_file()
+    pt.write_bytes(b"old")
+    assert checkpoints_main(["export", str(step_dir), "--out", str(pt), "--force"]) == 0
+    assert torch.load(pt, weights_only=True)["step"] == 5
+
+
+def test_exported_folder_generates_as_users_call_it(tmp_path):
+    """`generate(**tok(text, return_tensors="pt"))` and pipeline("text-generation") on the folder as saved."""
+    point, model = _point(tmp_path / "p", "true", DESIGNS["moe"][1])
+    hf_dir = tmp_path / "hf"
+    assert checkpoints_main(["export", str(point / "checkpoint"), "--format", "hf", "--out", str(hf_dir)]) == 0
+    gen = json.loads((hf_dir / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == gen["pad_token_id"] == 50279
+    tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    inputs = tok("Rivers carry sediment", return_tensors="pt")
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    out = hf.generate(**inputs, max_new_tokens=5, do_sample=False)
+    # Greedy continuation: titan-moe's own model picks the same tokens.
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        for _ in range(5):
+            ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+    stop = out.shape[1]  # generate stops early only at eos
+    assert out[0].tolist() == ids[0, :stop].tolist() and stop > inputs["input_ids"].shape[1]
+    pipe = transformers.pipeline("text-generation", model=str(hf_dir))
+    text = pipe("Rivers carry sediment", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text == tok.decode(out[0], skip_special_tokens=True)

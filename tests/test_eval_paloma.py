@@ -7,9 +7,11 @@ import gzip
 import io
 import json
 import math
+import random
 
 import numpy as np
 import pytest
+import torch
 
 from eval.scoring import model_input, rolling_windows
 from tests.eval_support import (
@@ -234,3 +236,35 @@ def test_uint32_token_files_by_sidecar_or_option(setup, tmp_path):
     npy.write_bytes(npy.read_bytes() + b"\0")  # one stray byte: no longer whole uint32 tokens
     with pytest.raises(ConfigError, match=r"bytes is not a whole number of uint32 tokens \(--paloma-dtype\)"):
         _scores(odd, model_dir, paloma_dtype="uint32")
+
+
+@pytest.mark.parametrize("block_elements", [1 << 22, 3 * 97])  # one block per batch; 3-position blocks
+def test_windows_and_answers_score_as_one_row_at_a_time(monkeypatch, block_elements):
+    """Long runs read as views, short ones gathered, blocks split anywhere: the sums of a plain per-row log-softmax."""
+    import torch.nn.functional as F
+
+    from eval import scoring
+    from eval.scoring import Request, score_requests
+
+    monkeypatch.setattr(scoring, "CE_BLOCK_ELEMENTS", block_elements)
+    V, L = 97, 12
+    weight = torch.randn(V, V, generator=torch.Generator().manual_seed(0))
+
+    class Model:  # logits depend on the token and its position: any misaligned row or position shows
+        max_seq_len, eos_id, name, step, device = L, 0, "fake", None, "cpu"
+
+        def __call__(self, tokens):
+            return weight[tokens] + torch.arange(tokens.shape[1])[:, None] * 0.01
+
+    rng = random.Random(1)
+    doc = [rng.randrange(1, V) for _ in range(40)]
+    requests = rolling_windows(doc, 0, L)  # full windows, then a short final one
+    requests += [Request(tuple(rng.randrange(1, V) for _ in range(rng.randrange(1, 9))),
+                         tuple(rng.randrange(1, V) for _ in range(rng.randrange(1, 3)))) for _ in range(9)]
+    got = score_requests(Model(), requests, batch_tokens=4 * L, max_batch_size=4, progress=False)
+    for req, value in zip(requests, got):
+        x = scoring.model_input(req, L)
+        lp = F.log_softmax(Model()(torch.tensor([x]))[0].double(), -1)
+        n = len(req.continuation)
+        want = sum(float(lp[len(x) - n + j, t]) for j, t in enumerate(req.continuation))
+        assert value == pytest.approx(want, rel=1e-5, abs=1e-5)

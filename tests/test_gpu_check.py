@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from tests.distributed_utils import REPO
-from titan_moe.gpu_check import STAGES, bench_meets_targets, format_table
+from titan_moe.errors import ConfigError
+from titan_moe.gpu_check import REPORT_NAME, STAGES, bench_meets_targets, format_table, report_path
 
 
 def gpu_check(tmp_path, *args, timeout=2400):
@@ -112,3 +113,28 @@ def test_gpu_bench_stage_judges_the_interval_from_interleaved_repeats(tmp_path, 
         assert details["repeats"] == 5 and details["ratios"] == pytest.approx(ratios)
         assert len(details["titan_moe"]["runs"]) == 5  # the whole distribution goes into gpu_check.json
     assert result["summary"].startswith("1.20x torchtitan tokens/s (1.15-1.30, 94% interval, 5 repeats): faster")
+
+
+def test_out_folder_gets_the_report_inside_it(tmp_path):
+    # A folder as --out: the report lands in it (the stage is killed at once; only where the report goes matters).
+    proc = subprocess.run([sys.executable, "-m", "titan_moe.cli", "gpu-check", "--smoke", "--out", str(tmp_path),
+                           "--stages", "host_syncs", "--deadline-scale", "0.001", "--workdir", str(tmp_path / "w")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    report = json.loads((tmp_path / REPORT_NAME).read_text())
+    assert [s["stage"] for s in report["stages"]] == ["host_syncs"]
+
+
+def test_unusable_out_is_refused_before_any_stage(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep")
+    proc = subprocess.run([sys.executable, "-m", "titan_moe.cli", "gpu-check", "--smoke", "--out",
+                           str(blocker / "report.json"), "--workdir", str(tmp_path / "w")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert f"--out: {blocker} is a file, not a folder" in proc.stderr
+    assert "[gpu-check]" not in proc.stdout and not (tmp_path / "w").exists()  # no stage ran
+    assert blocker.read_text() == "keep"
+    (tmp_path / "d" / REPORT_NAME).mkdir(parents=True)
+    with pytest.raises(ConfigError, match="is a folder; pass a file path"):
+        report_path(str(tmp_path / "d"))

@@ -101,7 +101,8 @@ def test_commands_call_titan_moe_train_and_eval(tmp_path):
 def test_k8s_launch_renders_one_manifest_set_per_point(tmp_path, capsys):
     pytest.importorskip("jobs.k8s.render", reason="the k8s renderer (jobs/k8s) is not in this build")
     out = tmp_path / "mini"
-    write_plan(build_plan(load_spec(SPECS / "mini.yaml"), out), out)
+    # Synthetic tokens carry no tokenizer: name where the cluster's eval Job finds one (render requires it).
+    write_plan(build_plan(load_spec(SPECS / "mini.yaml", ["run.model.hf_assets_path=/models/tok"]), out), out)
     report = launch_k8s(out, nodes=1, gpus_per_node=2, image="registry.example/titan-moe:0.1.0")
     assert len(report.rendered) == 4 and report.failed == []
     jobset = yaml.safe_load((out / "points" / "mini_g1-2_s4" / "k8s" / "jobset.yaml").read_text())

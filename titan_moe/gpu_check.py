@@ -46,6 +46,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan_moe.configs import shipped
+from titan_moe.errors import ConfigError
+
+REPORT_NAME = "gpu_check.json"
 
 
 
@@ -308,10 +311,35 @@ def format_table(stages: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def report_path(out: str) -> Path:
+    """Where the report goes, decided before any stage runs (they take minutes; a bad --out must not waste them).
+
+    An existing folder gets ``REPORT_NAME`` inside it; a file path needs a folder
+    (created when missing) and must not be a folder itself.
+    """
+    path = Path(out)
+    if path.is_dir():
+        path = path / REPORT_NAME
+        if path.is_dir():
+            raise ConfigError("--out", f"{path} is a folder; pass a file path for the report")
+    parent = path.parent
+    for ancestor in (parent, *parent.parents):
+        if ancestor.exists() and not ancestor.is_dir():
+            raise ConfigError("--out", f"{ancestor} is a file, not a folder; pass a path in a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("--out", f"cannot create {parent}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError("--out", f"{path} is not writable; pass a path you can write")
+    return path
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="titan-moe gpu-check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="toy shapes on CPU (CI)")
-    parser.add_argument("--out", default="gpu_check.json", help="JSON report path (default ./gpu_check.json)")
+    parser.add_argument("--out", default=REPORT_NAME,
+                        help=f"JSON report path, or a folder to write {REPORT_NAME} into (default ./{REPORT_NAME})")
     parser.add_argument("--stages", default=",".join(s.name for s in STAGES), help="comma-separated subset")
     parser.add_argument("--deadline-scale", type=float, default=1.0, help="multiply every stage's deadline")
     parser.add_argument("--workdir", default=None, help="stage logs and outputs (default: a temporary folder)")
@@ -328,6 +356,11 @@ def main(argv: list[str]) -> int:
     unknown = sorted(set(wanted) - {s.name for s in STAGES})
     if unknown:
         parser.error(f"--stages: unknown {', '.join(unknown)}; valid: {', '.join(s.name for s in STAGES)}")
+    try:
+        out = report_path(args.out)
+    except ConfigError as exc:
+        print(f"titan-moe gpu-check: {exc}", file=sys.stderr)
+        return 2
     if not args.smoke and not torch.cuda.is_available():
         print("titan-moe gpu-check: no CUDA device; use --smoke for the CPU run", file=sys.stderr)
         return 2
@@ -344,8 +377,8 @@ def main(argv: list[str]) -> int:
         print(f"[gpu-check] {stage.name}: {outcome['status']} -- {outcome['summary']}", flush=True)
     passed = all(r["status"] == "pass" for r in results)
     report = {"device": device, "torch": torch.__version__, "smoke": args.smoke, "passed": passed, "stages": results}
-    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
-    print("\n" + format_table(results) + f"\n\n{'all stages passed' if passed else 'FAILED'}; report {args.out}")
+    out.write_text(json.dumps(report, indent=1, default=str))
+    print("\n" + format_table(results) + f"\n\n{'all stages passed' if passed else 'FAILED'}; report {out}")
     return 0 if passed else 1
 
 

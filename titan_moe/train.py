@@ -48,6 +48,7 @@ from torchtitan.train import Trainer  # noqa: E402
 
 from titan_moe import shutdown, train_spec  # noqa: E402
 from titan_moe.checkpoint import PREEMPTED_EXIT_CODE, CheckpointManager, PreemptionHandler  # noqa: E402
+from titan_moe.data import run_tokenizer  # noqa: E402
 from titan_moe.errors import ConfigError  # noqa: E402
 from titan_moe.job_config import parse_run_config  # noqa: E402
 from titan_moe.metrics import MoEStepStats, load_metrics  # noqa: E402
@@ -102,6 +103,12 @@ class TitanMoETrainer(Trainer):
             dataloader=self.dataloader, train_state=self, config=job_config.checkpoint,
             base_folder=job_config.job.dump_folder,
         )
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            # The checkpoints keep the tokenizer they were trained with: eval and export find it
+            # there even after the data moved (titan_moe.data.run_tokenizer).
+            where = run_tokenizer.record(job_config)
+            if where:
+                logger.info("tokenizer recorded at %s", where)
 
     def _add_inloop_eval(self, job_config: Any) -> None:
         """``[eval]`` runs as one more validator in torchtitan's loop.

@@ -18,7 +18,7 @@ import yaml
 from jobs.k8s import manifests
 from jobs.k8s.manifests import Run
 from jobs.k8s.options import RenderOptions, check_image, check_queue, check_shape, name_from_stem
-from jobs.k8s.runconfig import check_run_config
+from jobs.k8s.runconfig import check_eval_inputs, check_run_config
 
 # What `kubectl apply -k DIR` creates while training; the eval Job is applied
 # by hand after the run finished (it would otherwise score a half-trained model).
@@ -43,6 +43,7 @@ def plan_run(
     options.check_shape(gpus_per_node)
     check_queue(queue)
     config = check_run_config(config_path, nodes, gpus_per_node, overrides)
+    check_eval_inputs(config, options.eval_tasks)  # the eval Job must work too, not fail after training
     name = options.name or name_from_stem(Path(config_path).stem, nodes)
     return Run(name, config, nodes, gpus_per_node, image, queue, options)
 

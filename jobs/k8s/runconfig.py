@@ -110,3 +110,40 @@ def check_run_config(path: str | Path, nodes: int, gpus_per_node: int,
         tb_folder=_relative_folder(job_config.metrics.save_tb_folder, "metrics.save_tb_folder", "tb"),
         mesh=mesh,
     )
+
+
+def check_eval_inputs(config: ClusterRunConfig, eval_tasks: str) -> None:
+    """Refuse a run whose eval Job could not find its tokenizer or would not know its tasks.
+
+    The eval Job resolves the tokenizer from the run config alone
+    (``titan_moe.data.run_tokenizer``): ``[model].hf_assets_path/tokenizer.json``,
+    the copy the trainer keeps in the checkpoint folder, or
+    ``[data].root/tokenizer.json`` written by ``titan-moe prep``.  Only the last
+    two are known to exist on a cluster: a relative ``hf_assets_path`` (the
+    shipped configs say ``"."``) is relative to the image's working directory,
+    which holds no tokenizer.  Nothing is read here (the rendering machine may
+    not reach the store); what is checked is that the run names a place where
+    a tokenizer will be.
+    """
+    from eval.tasks import parse_tasks
+
+    try:
+        parse_tasks(eval_tasks)
+    except ConfigError as exc:
+        raise ConfigError("--eval-tasks", str(exc).removeprefix(f"{exc.field}: ")) from None
+    job = config.job
+    assets = job.model.hf_assets_path or ""
+    if assets.startswith("/") or "://" in assets:
+        return  # named by the user: in the image, on the run volume or in the store
+    data = job.data
+    if job.training.dataset == "mds" and data.root and data.format == "titan-moe":
+        return  # prep wrote [data].root/tokenizer.json; the trainer copies it next to the checkpoints
+    why = (f"[data].format = {data.format!r} folders carry no tokenizer.json" if job.training.dataset == "mds"
+           else f"training.dataset = {job.training.dataset!r} has no tokenizer")
+    raise ConfigError(
+        "model.hf_assets_path",
+        f"the eval Job of {config.path} could not find a tokenizer ({why}, and hf_assets_path = {assets!r} is "
+        "not an absolute path or URL). Train on data written by `titan-moe prep` ([data].root = its OUTPUT_URL; "
+        "prep writes tokenizer.json next to manifest.json), or set [model].hf_assets_path to an absolute folder "
+        "or URL that holds tokenizer.json on the cluster",
+    )

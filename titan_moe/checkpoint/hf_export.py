@@ -141,17 +141,14 @@ def hf_config(args: TitanMoEModelArgs, arch: str, eos_id: int, dtype: torch.dtyp
     return config
 
 
-def resolve_eos(tokenizer_json: Path, eos_id: int | None) -> int:
+def resolve_eos(backend, eos_id: int | None, source: str) -> int:
     if eos_id is not None:
         return int(eos_id)
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_file(str(tokenizer_json))
     for token in EOS_TOKENS:
         found = backend.token_to_id(token)
         if found is not None:
             return found
-    raise ConfigError("--eos-id", f"{tokenizer_json} names no end-of-text token ({', '.join(EOS_TOKENS)}); pass --eos-id")
+    raise ConfigError("--eos-id", f"{source} names no end-of-text token ({', '.join(EOS_TOKENS)}); pass --eos-id")
 
 
 def write_hf_folder(
@@ -159,41 +156,64 @@ def write_hf_folder(
     state: dict[str, torch.Tensor],
     out: str | Path,
     *,
-    tokenizer_json: str | Path,
+    tokenizer_text: str,
+    tokenizer_source: str = "tokenizer.json",
     eos_id: int | None = None,
     metadata: dict | None = None,
+    replace: bool = False,
 ) -> Path:
-    """Write config.json, model.safetensors and tokenizer files into `out`, all or nothing."""
+    """Write config.json, generation_config.json, model.safetensors and tokenizer files into `out`, all or nothing.
+
+    The folder works the way users call it: ``model.generate(**tok(text, return_tensors="pt"))``
+    (the tokenizer returns only ``input_ids`` and ``attention_mask``, the model's inputs) and
+    ``pipeline("text-generation")`` (eos and pad in generation_config.json, no warning).
+    An existing non-empty `out` is refused unless ``replace``; then it is swapped whole.
+    """
     try:
         import transformers
         from safetensors.torch import save_file
+        from tokenizers import Tokenizer
     except ModuleNotFoundError as exc:
         raise ConfigError("--format hf", "exporting to transformers needs it: pip install 'titan-moe[hf]'") from exc
     arch = target_architecture(args)
-    tokenizer_json = Path(tokenizer_json)
-    if not tokenizer_json.is_file():
-        raise ConfigError("--tokenizer", f"{tokenizer_json} does not exist; pass --tokenizer PATH/tokenizer.json")
-    eos = resolve_eos(tokenizer_json, eos_id)
+    try:
+        backend = Tokenizer.from_str(tokenizer_text)
+    except Exception as exc:  # a truncated or foreign file: name it
+        raise ConfigError("--tokenizer", f"{tokenizer_source} is not a valid tokenizer.json ({exc})") from exc
+    eos = resolve_eos(backend, eos_id, tokenizer_source)
     tensors = convert_state(args, state, arch)
     dtype = state["tok_embeddings.weight"].dtype
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError("--out", f"{out} exists and is not empty; choose a new folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} is a file; --format hf writes a folder: pass a new folder name")
+    if out.exists() and any(out.iterdir()) and not replace:
+        raise ConfigError("--out", f"{out} exists and is not empty; choose a new folder or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
     try:
-        hf_config(args, arch, eos, dtype).save_pretrained(tmp)
+        config = hf_config(args, arch, eos, dtype)
+        config.save_pretrained(tmp)
+        # eos/pad for generate() and pipelines; pad = eos as in the tokenizer (OLMoE's
+        # tokenizer has a pad token, but the model never saw it).
+        transformers.GenerationConfig(eos_token_id=eos, pad_token_id=eos, bos_token_id=None).save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})  # fmt: skip
-        eos_token = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json)).convert_ids_to_tokens(eos)
-        tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token=eos_token,
-                                                   pad_token=eos_token, model_max_length=args.max_seq_len)  # fmt: skip
+        eos_token = backend.id_to_token(eos)
+        tok = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=backend, eos_token=eos_token, pad_token=eos_token, model_max_length=args.max_seq_len,
+            # Without it the tokenizer also returns token_type_ids, which generate() refuses.
+            model_input_names=["input_ids", "attention_mask"],
+        )
         tok.save_pretrained(tmp)
         (tmp / "titan_moe_export.json").write_text(json.dumps({"architecture": arch, **(metadata or {})}, indent=2))
         if out.exists():
-            out.rmdir()  # empty (checked above)
+            os.replace(out, old)  # empty, or replaced on request; removed once the new one is in place
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # put the previous export back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out

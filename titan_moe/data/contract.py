@@ -51,6 +51,12 @@ stream's ``index.json``; its presence marks the stream complete.
                         "docs_read", "docs_written", "docs_rejected",
                         "rejected_by_reason"}}}
 
+``OUTPUT/tokenizer.json`` (:data:`TOKENIZER`): the tokenizer the streams were
+built with, byte for byte (its sha256 is the manifest's ``tokenizer_sha256``).
+Written before the mixture manifest, so a root with a manifest has its
+tokenizer too, local or on object storage: eval and export read it from there
+(``titan_moe.data.run_tokenizer``) wherever the data lives.
+
 ``tokens`` counts real tokens (document tokens plus one EOS per document,
 not the padding of the final sequence); ``proportion`` is the source's share
 of all tokens in the mixture — the natural proportion OLMoE trained on.
@@ -64,6 +70,7 @@ from dataclasses import asdict, dataclass, field
 FORMAT = "titan-moe-mds/1"
 MANIFEST = "manifest.json"  # ROOT/manifest.json (mixture) and ROOT/<source>/manifest.json (stream)
 INDEX = "index.json"  # ROOT/<source>/index.json, MosaicML's MDS index
+TOKENIZER = "tokenizer.json"  # ROOT/tokenizer.json, the tokenizer of every stream in ROOT
 TOKEN_DTYPES = ("uint16", "uint32")
 
 
