@@ -23,12 +23,14 @@ from jobs.sweep.spec import (
     ClusterSpec,
     DesignSpec,
     EqualResourcesSpec,
+    LimitsSpec,
     RoutingSpec,
     ScaleSpec,
     ScheduleSpec,
     SetRequest,
     SweepSpec,
 )
+from jobs.sweep import fields as schema
 from titan_moe.errors import ConfigError
 from titan_moe.model.args import TitanMoEModelArgs, format_fraction, parse_fraction
 
@@ -100,8 +102,9 @@ def _sparsity(value: Any, name: str) -> Fraction:
 def parse_spec(doc: dict[str, Any]) -> SweepSpec:
     """Check a merged spec document; every error names the field."""
     doc = copy.deepcopy(doc)
+    raw = copy.deepcopy(doc)
     known = {"name", "description", "matching", "cluster", "budget", "schedule", "scales", "moe",
-             "learning_rates", "seeds", "run", "equal_resources"}
+             "learning_rates", "seeds", "run", "equal_resources", "ladder", "axes", "limits", "tier"}
     _no_unknown(doc, known, "spec")
 
     name = doc.get("name")
@@ -111,8 +114,11 @@ def parse_spec(doc: dict[str, Any]) -> SweepSpec:
     if matching not in MATCHING_MODES:
         raise ConfigError("spec.matching", f"{matching!r} is not a matching mode; choose one of {', '.join(MATCHING_MODES)}")
 
+    moe_doc = _mapping(doc.get("moe"), "spec.moe")
     run = _parse_run(doc.get("run"), matching)
+    axes = _moe_shorthands(moe_doc, run)
     seq_len = run["training"]["seq_len"]
+    ladder = _parse_ladder(doc.get("ladder"), seq_len)
     spec = SweepSpec(
         name=name,
         description=str(doc.get("description", "")),
@@ -120,15 +126,101 @@ def parse_spec(doc: dict[str, Any]) -> SweepSpec:
         cluster=_parse_cluster(_mapping(doc.get("cluster"), "spec.cluster")),
         budget=_parse_budget(_mapping(doc.get("budget"), "spec.budget"), matching),
         schedule=_parse_schedule(_mapping(doc.get("schedule"), "spec.schedule")),
-        scales=_parse_scales(doc.get("scales"), seq_len),
-        moe=_parse_design(_mapping(doc.get("moe"), "spec.moe")),
+        scales=_parse_scales(doc.get("scales"), seq_len, ladder),
+        moe=_parse_design(moe_doc),
         run=run,
         learning_rates=_parse_lrs(doc.get("learning_rates", [4e-4]), "spec.learning_rates"),
         seeds=_parse_seeds(doc.get("seeds", [0])),
         equal_resources=_parse_equal(_mapping(doc.get("equal_resources"), "spec.equal_resources")),
-        raw=doc,
+        axes=_parse_axes(doc.get("axes"), axes, run),
+        limits=_parse_limits(_mapping(doc.get("limits"), "spec.limits")),
+        tier=_int(doc.get("tier", 1), "spec.tier", minimum=1),
+        raw=raw,
     )
+    _check_moe_values(spec)
     return spec
+
+
+def _check_moe_values(spec: SweepSpec) -> None:
+    """The model's own checks (ranges, choices) on every fixed and swept ``[moe]`` value, at once."""
+    probe = {"enabled": True, "expert_sets": [{"num_experts": 1, "granularity": "1", "top_k": 1}]}
+    arch = spec.scales[0].arch
+    checks = [(f"spec.run.moe.{k}", k, v) for k, v in spec.run.get("moe", {}).items()]
+    checks += [(f"spec.axes.{path}[{i}]", path.split(".", 1)[1], v)
+               for path, values in spec.axes.items() if path.startswith("moe.") for i, v in enumerate(values)]
+    for where, key, value in checks:
+        try:
+            TitanMoEModelArgs.from_sections(arch, {**spec.run.get("moe", {}), **probe, key: value}, spec.seq_len)
+        except ConfigError as exc:
+            raise ConfigError(where, str(exc).split(": ", 1)[-1]) from None
+
+
+# The paper's named MoE axes and fixed values, kept as the spec's own words for them:
+# ``moe.aux_loss_weights: [...]`` is ``axes: {moe.aux_loss_weight: [...]}`` and
+# ``moe.z_loss_weight: x`` is ``run.moe.z_loss_weight: x``.
+MOE_AXIS_SHORTHANDS = {"aux_loss_weights": "aux_loss_weight", "bias_update_rates": "bias_update_rate"}
+MOE_FIXED_SHORTHANDS = ("z_loss_weight", "renormalize")
+
+
+def _moe_shorthands(moe_doc: dict[str, Any], run: dict[str, Any]) -> dict[str, list[Any]]:
+    axes: dict[str, list[Any]] = {}
+    for key, field_name in MOE_AXIS_SHORTHANDS.items():
+        if key in moe_doc:
+            axes[f"moe.{field_name}"] = _list(moe_doc.pop(key), f"spec.moe.{key}")
+    for key in MOE_FIXED_SHORTHANDS:
+        if key in moe_doc:
+            fixed = run.setdefault("moe", {})
+            if key in fixed:
+                raise ConfigError(f"spec.moe.{key}", f"is also set as spec.run.moe.{key}; keep one")
+            _field, hint = schema.resolve(f"moe.{key}", f"spec.moe.{key}")
+            fixed[key] = schema.check_value(moe_doc.pop(key), hint, f"spec.moe.{key}")
+    return axes
+
+
+def _axis_problem(path: str, run: dict[str, Any]) -> str | None:
+    """Why ``path`` cannot be an axis (None when it can)."""
+    section, _, key = path.partition(".")
+    if section == "moe" and key in schema.DESIGN_OWNED_MOE:
+        return f"it is set by the design ({schema.DESIGN_OWNED_MOE[key]})"
+    if section == "moe" and key in schema.ROUTING_OWNED_MOE:
+        return ("it is set by spec.moe.routing; give one routing entry per value, e.g. "
+                "[{mode: capacity, capacity_factor: 1.0}, {mode: capacity, capacity_factor: 1.25}]")
+    for owned, why in PLANNER_OWNED.items():
+        if path == owned or path.startswith(owned + "."):
+            return f"it is set by the planner ({why})"
+    if key in run.get(section, {}):
+        return f"spec.run.{path} fixes it too; keep one"
+    return None
+
+
+def _parse_axes(value: Any, axes: dict[str, list[Any]], run: dict[str, Any]) -> dict[str, list[Any]]:
+    for path, values in _mapping(value, "spec.axes").items():
+        if path in axes:
+            raise ConfigError(f"spec.axes.{path}", "is also given by its spec.moe shorthand; keep one")
+        axes[path] = values
+    checked: dict[str, list[Any]] = {}
+    for path, values in axes.items():
+        where = f"spec.axes.{path}"
+        _field, hint = schema.resolve(str(path), where)
+        why = _axis_problem(path, run)
+        if why:
+            raise ConfigError(where, f"cannot be swept: {why}")
+        values = [schema.check_value(v, hint, f"{where}[{i}]") for i, v in enumerate(_list(values, where))]
+        _distinct([repr(v) for v in values], where)
+        checked[path] = values
+    columns = [schema.axis_column(p) for p in checked]
+    if len(set(columns)) != len(columns):
+        raise ConfigError("spec.axes", f"two axes share a column name: {', '.join(checked)}")
+    return checked
+
+
+def _parse_limits(section: dict[str, Any]) -> LimitsSpec:
+    _no_unknown(section, {"max_total_params", "max_flops_ratio_vs_dense"}, "spec.limits")
+    limits = LimitsSpec()
+    for key in ("max_total_params", "max_flops_ratio_vs_dense"):
+        if section.get(key) is not None:
+            setattr(limits, key, _number(section[key], f"spec.limits.{key}", above=0))
+    return limits
 
 
 def _parse_run(value: Any, matching: str) -> dict[str, Any]:
@@ -144,6 +236,8 @@ def _parse_run(value: Any, matching: str) -> dict[str, Any]:
         section, _, key = path.partition(".")
         if section in run and (not key or key in run[section]):
             raise ConfigError(f"spec.run.{path}", f"is set by the planner ({why}); remove it from the spec")
+    for key, field_name in ((k, f) for k, section in run.items() for f in section):
+        _check_run_value(key, field_name, run[key][field_name])
     training = run.setdefault("training", {})
     _int(training.get("seq_len"), "spec.run.training.seq_len", minimum=1)
     gbs = training.get("global_batch_size")
@@ -155,6 +249,17 @@ def _parse_run(value: Any, matching: str) -> dict[str, Any]:
     if "local_batch_size" in training:
         _int(training["local_batch_size"], "spec.run.training.local_batch_size", minimum=1)
     return run
+
+
+def _check_run_value(section: str, key: str, value: Any) -> None:
+    """A fixed run-config value: its path exists in the schema and the value fits the type."""
+    path, where = f"{section}.{key}", f"spec.run.{section}.{key}"
+    schema.resolve(path, where)
+    if section == "moe" and (key in schema.DESIGN_OWNED_MOE or key in schema.ROUTING_OWNED_MOE):
+        why = schema.DESIGN_OWNED_MOE.get(key, "it comes from spec.moe.routing")
+        raise ConfigError(where, f"is set by the planner ({why}); remove it from the spec")
+    _field, hint = schema.resolve(path, where)
+    schema.check_value(value, hint, where)
 
 
 def _parse_cluster(section: dict[str, Any]) -> ClusterSpec:
@@ -212,31 +317,70 @@ def _parse_schedule(section: dict[str, Any]) -> ScheduleSpec:
     return s
 
 
-def _parse_scales(value: Any, seq_len: int) -> list[ScaleSpec]:
+def _parse_shape(raw: dict[str, Any], where: str, seq_len: int, known: set[str]) -> ScaleSpec:
+    _no_unknown(raw, known, where)
+    name = raw.get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ConfigError(f"{where}.name", f"must be a lowercase name like 's100m', got {name!r}")
+    arch = _mapping(raw.get("arch"), f"{where}.arch")
+    try:
+        TitanMoEModelArgs.from_sections(arch, None, seq_len)  # the dense base shape must be valid
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.{exc.field}", str(exc).split(": ", 1)[1]) from None
+    lrs = raw.get("learning_rates")
+    return ScaleSpec(name, arch, None if lrs is None else _parse_lrs(lrs, f"{where}.learning_rates"))
+
+
+def _parse_ladder(value: Any, seq_len: int) -> dict[str, ScaleSpec]:
+    """``ladder:``: named shapes that ``scales:`` entries refer to by name."""
+    if value is None:
+        return {}
+    if not isinstance(value, list):
+        raise ConfigError("spec.ladder", "must list named shapes like {name: a50m, arch: {dim: 384, ...}}")
+    rungs = [_parse_shape(_mapping(raw, f"spec.ladder[{i}]"), f"spec.ladder[{i}]", seq_len,
+                          {"name", "arch", "learning_rates", "description"}) for i, raw in enumerate(value)]
+    _distinct([r.name for r in rungs], "spec.ladder[*].name")
+    return {r.name: r for r in rungs}
+
+
+def _parse_scales(value: Any, seq_len: int, ladder: dict[str, ScaleSpec]) -> list[ScaleSpec]:
     if not isinstance(value, list) or not value:
-        raise ConfigError("spec.scales", "must list at least one scale like {name: s100m, arch: {dim: 768, ...}}")
+        raise ConfigError("spec.scales", "must list at least one scale: a ladder rung's name (a50m) or "
+                          "{name: s100m, arch: {dim: 768, ...}}")
     scales = []
     for i, raw in enumerate(value):
         where = f"spec.scales[{i}]"
+        if isinstance(raw, str) or (isinstance(raw, dict) and "arch" not in raw):
+            scales.append(_rung(raw, where, ladder))
+            continue
         raw = _mapping(raw, where)
-        _no_unknown(raw, {"name", "arch", "learning_rates"}, where)
-        name = raw.get("name")
-        if not isinstance(name, str) or not NAME_PATTERN.match(name):
-            raise ConfigError(f"{where}.name", f"must be a lowercase name like 's100m', got {name!r}")
-        arch = _mapping(raw.get("arch"), f"{where}.arch")
-        try:
-            TitanMoEModelArgs.from_sections(arch, None, seq_len)  # the dense base shape must be valid
-        except ConfigError as exc:
-            raise ConfigError(f"{where}.{exc.field}", str(exc).split(": ", 1)[1]) from None
-        lrs = raw.get("learning_rates")
-        scales.append(ScaleSpec(name, arch, None if lrs is None else _parse_lrs(lrs, f"{where}.learning_rates")))
+        if raw.get("name") in ladder:
+            raise ConfigError(f"{where}.arch", f"redefines the ladder rung {raw['name']!r}; write its name "
+                              f"({raw['name']}) instead of a shape, or give the shape another name")
+        scales.append(_parse_shape(raw, where, seq_len, {"name", "arch", "learning_rates"}))
     _distinct([s.name for s in scales], "spec.scales[*].name")
     return scales
 
 
+def _rung(raw: Any, where: str, ladder: dict[str, ScaleSpec]) -> ScaleSpec:
+    """A scale named by its ladder rung: ``a50m`` or ``{name: a50m, learning_rates: [...]}``."""
+    if isinstance(raw, dict):
+        _no_unknown(raw, {"name", "learning_rates"}, where)
+        name, lrs = raw.get("name"), raw.get("learning_rates")
+        where = f"{where}.name"
+    else:
+        name, lrs = raw, None
+    if name not in ladder:
+        rungs = ", ".join(ladder) if ladder else "none: the spec has no ladder (extend one, e.g. paper_base.yaml)"
+        raise ConfigError(where, f"{name!r} is not a ladder rung; rungs: {rungs}")
+    rung = ladder[name]
+    lrs = rung.learning_rates if lrs is None else _parse_lrs(lrs, f"{where}.learning_rates")
+    return ScaleSpec(rung.name, copy.deepcopy(rung.arch), lrs)
+
+
 def _parse_design(section: dict[str, Any]) -> DesignSpec:
     known = {"granularities", "sparsities", "heterogeneous", "generalist_granularities", "routing",
-             "aux_loss_weights", "bias_update_rates", "z_loss_weight", "renormalize"}
+             *MOE_AXIS_SHORTHANDS, *MOE_FIXED_SHORTHANDS}
     _no_unknown(section, known, "spec.moe")
     d = DesignSpec()
     d.granularities = [
@@ -265,17 +409,6 @@ def _parse_design(section: dict[str, Any]) -> DesignSpec:
     if "routing" in section:
         d.routing = [_parse_routing(r, f"spec.moe.routing[{i}]") for i, r in enumerate(_list(section["routing"], "spec.moe.routing"))]
         _distinct([r.label for r in d.routing], "spec.moe.routing")
-    for key in ("aux_loss_weights", "bias_update_rates"):
-        if key in section:
-            values = [_number(v, f"spec.moe.{key}[{i}]", minimum=0) for i, v in enumerate(_list(section[key], f"spec.moe.{key}"))]
-            _distinct(values, f"spec.moe.{key}", lambda v: f"{v:g}")
-            setattr(d, key, values)
-    if "z_loss_weight" in section:
-        d.z_loss_weight = _number(section["z_loss_weight"], "spec.moe.z_loss_weight", minimum=0)
-    if "renormalize" in section:
-        if not isinstance(section["renormalize"], bool):
-            raise ConfigError("spec.moe.renormalize", f"must be true or false, got {section['renormalize']!r}")
-        d.renormalize = section["renormalize"]
     return d
 
 
