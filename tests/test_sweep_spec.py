@@ -49,7 +49,7 @@ def _with(path: str, value):
         (_with("moe.generalist_granularities", ["1"]), "spec.moe.generalist_granularities[0]", ["0 <= g_gen < 1"]),
         (_with("run.training.global_batch_size", None), "spec.run.training.global_batch_size", ["positive number"]),
         (_with("run.optimizer", {"lr": 1e-3}), "spec.run.optimizer.lr", ["set by the planner", "learning_rates"]),
-        (_with("run.moe", {"enabled": True}), "spec.run.moe", ["set by the planner"]),
+        (_with("run.moe", {"enabled": True}), "spec.run.moe.enabled", ["set by the planner"]),
         (_with("scales", [{"name": "tiny", "arch": ARCH | {"n_heads": 5}}]), "spec.scales[0].arch.n_heads",
          ["not divisible by n_heads 5"]),
         (_with("scales", [{"name": "Big Model", "arch": ARCH}]), "spec.scales[0].name", ["lowercase"]),
