@@ -133,7 +133,7 @@ def _cost(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:  # build only names paths under it
         for path in args.specs:
             doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
-            if isinstance(doc, dict) and "name" not in doc and "extends" not in doc:
+            if isinstance(doc, dict) and "name" not in doc:  # a base (paper_base, ladder) is never a study
                 print(f"note: skipped {path}: a shared base for `extends` (no name), not a study")
                 continue
             plan = build(load_spec(path, _overrides(args)), scratch, max_tier=args.max_tier,

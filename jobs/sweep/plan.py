@@ -17,6 +17,15 @@ Budget (B = global_batch_size x seq_len tokens per step)::
     train_flops   = flops_per_token x tokens
     gpu_hours     = train_flops / (mfu x peak_tflops x 1e12) / 3600
 
+True FLOPs: ``flops_per_token`` is describe's (routers and attention included), so
+train_flops and GPU-hours are the true cost, and every row carries
+``flops_ratio_vs_dense`` = flops_per_token / its scale's dense baseline's.  The paper's
+matching rule (``flop_ratio`` = sum k_i g_i + g_gen = 1) leaves the routers out; points
+above ``FLOPS_TOLERANCE`` are reported by ``sweep plan`` (``spec.limits`` can exclude them).
+
+Axes (``spec.axes``, run-config paths) are crossed with every design; ``moe.*`` axes
+only with MoE designs.  Each row carries the point's ``tier`` (``spec.tier``).
+
 Equal resources (matching: equal_resources; designs.py has the expert-count rule)::
 
     dense:  tokens_dense as above; unique_tokens = tokens_dense; repeat 1
@@ -41,21 +50,19 @@ import io
 import json
 import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
+from itertools import product
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-from itertools import product
-
 from tqdm import tqdm
 
 from jobs.sweep import fields, tomlw
 from jobs.sweep.designs import Design, enumerate_designs, moe_section, structure_section
+from jobs.sweep.naming import axes_tag, axis_combinations, axis_tags, design_tag, run_tag
 from jobs.sweep.spec import ScaleSpec, SweepSpec
 from titan_moe.errors import ConfigError
 from titan_moe.model.accounting import describe
@@ -91,70 +98,6 @@ class Plan:
     invalid: list[dict[str, Any]] = field(default_factory=list)
     columns: list[str] = field(default_factory=lambda: list(COLUMNS))
     """index.csv's columns: COLUMNS plus the swept fields outside [moe]."""
-
-
-# --------------------------------------------------------------------------- naming
-def _frac_tag(value: Fraction) -> str:
-    return ff(value).replace("/", "-")
-
-
-def _num_tag(value: float) -> str:
-    return f"{value:g}"
-
-
-def design_tag(design: Design, spec: SweepSpec) -> str:
-    """A short, file-name-safe label; knobs that never vary in the spec are left out."""
-    if design.heterogeneous:
-        parts = [f"g{_frac_tag(r.granularity)}s{_frac_tag(r.sparsity)}" + (f"w{_frac_tag(r.share)}" if r.share else "")
-                 for r in design.requests]
-        tag = "het-" + "+".join(parts)
-    else:
-        r = design.requests[0]
-        tag = f"g{_frac_tag(r.granularity)}_s{_frac_tag(r.sparsity)}"
-    if design.generalist:
-        tag += f"_gen{_frac_tag(design.generalist)}"
-    if design.routing.mode == "capacity":
-        tag += f"_cap{_num_tag(design.routing.capacity_factor)}"
-        if design.routing.capacity_policy != "priority":
-            tag += f"_{design.routing.capacity_policy}"
-    return tag
-
-
-def _value_tag(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (int, float)):
-        return _num_tag(value)
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", str(value))
-
-
-def axis_tags(spec: SweepSpec) -> dict[str, str]:
-    """Name prefix per swept path (only axes with several values name points): the field's first
-    word (``aux_loss_weight`` -> ``aux``), its whole name where two axes share a first word."""
-    varied = [p for p, values in spec.axes.items() if len(values) > 1]
-    first = {p: p.rsplit(".", 1)[1].split("_")[0] for p in varied}
-    return {p: (w if list(first.values()).count(w) == 1 else p.rsplit(".", 1)[1]) for p, w in first.items()}
-
-
-def _axes_tag(values: dict[str, Any], tags: dict[str, str]) -> str:
-    return "".join(f"_{tags[p]}{_value_tag(v)}" for p, v in values.items() if p in tags)
-
-
-def axis_combinations(spec: SweepSpec, *, moe: bool) -> list[dict[str, Any]]:
-    """Every combination of axis values, in axis order; a dense point skips the ``moe.*`` axes."""
-    paths = [p for p in spec.axes if moe or not p.startswith("moe.")]
-    return [dict(zip(paths, values)) for values in product(*(spec.axes[p] for p in paths))]
-
-
-def _run_tag(spec: SweepSpec, multiple: float, lr: float, seed: int) -> str:
-    tag = ""
-    if len(spec.budget.multiples) > 1:
-        tag += f"_x{_num_tag(multiple)}"
-    if any(len(spec.learning_rates_for(s)) > 1 for s in spec.scales):
-        tag += f"_lr{_num_tag(lr)}"
-    if len(spec.seeds) > 1:
-        tag += f"_seed{seed}"
-    return tag
 
 
 # --------------------------------------------------------------------------- numbers
@@ -234,7 +177,7 @@ def build_plan(spec: SweepSpec, out_dir: str | Path, *, progress: bool = False) 
                 tokens = dense_steps[m] * batch_tokens
                 budget = {"tokens_target": _target(spec, dense, m),
                           "steps": dense_steps[m], "tokens": tokens, "unique_tokens": tokens, "repeat": 1.0}
-                name = f"{scale.name}_dense" + _axes_tag(axes, tags) + _run_tag(spec, m, lr, seed)
+                name = f"{scale.name}_dense" + axes_tag(axes, tags) + run_tag(spec, m, lr, seed)
                 plan.points.append(_point(spec, out_dir, name, scale, None, None, axes, dense, dense, budget,
                                           m, lr, seed))
             continue
@@ -255,11 +198,11 @@ def build_plan(spec: SweepSpec, out_dir: str | Path, *, progress: bool = False) 
             moe = moe_section(design, spec, axes)
             problem = describer.problem(scale.arch, moe)
             if problem is not None:
-                plan.invalid.append(_invalid_row(tag + _axes_tag(axes, tags), spec, scale, design, len(runs), problem))
+                plan.invalid.append(_invalid_row(tag + axes_tag(axes, tags), spec, scale, design, len(runs), problem))
                 continue
             for m, lr, seed in runs:
                 budget = _moe_budget(spec, d, dense, dense_steps[m], m, batch_tokens)
-                name = tag + _axes_tag(axes, tags) + _run_tag(spec, m, lr, seed)
+                name = tag + axes_tag(axes, tags) + run_tag(spec, m, lr, seed)
                 plan.points.append(_point(spec, out_dir, name, scale, design, moe, axes, d, dense, budget,
                                           m, lr, seed))
 
