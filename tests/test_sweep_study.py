@@ -87,7 +87,7 @@ def test_limits_mark_points_invalid_with_the_reason(tmp_path):
     assert all(p.row["flops_ratio_vs_dense"] <= 1.05 for p in plan.points) and len(plan.points) == 3
 
 
-def test_study_parts_dedupe_identical_runs_at_the_lowest_tier(tmp_path):
+def test_study_parts_dedupe_identical_runs_at_the_lowest_tier(tmp_path, capsys):
     write_spec(tmp_path, spec_doc(name="grid", moe={"granularities": ["1", "1/2"], "sparsities": [2]}), "grid.yaml")
     study = write_spec(tmp_path, {"name": "study", "parts": [
         {"spec": "grid.yaml", "tier": 2, "set": {"name": "lb", "moe.aux_loss_weights": [0.01, 0.001]}},
@@ -102,6 +102,13 @@ def test_study_parts_dedupe_identical_runs_at_the_lowest_tier(tmp_path):
     assert [(r["tier"], r["points"], r["cumulative_points"]) for r in tier_rows(plan)] == [(1, 3, 3), (2, 2, 5)]
     assert [p.name for p in build(load_spec(study), tmp_path / "q", max_tier=1).points] == [
         "tiny_dense", "tiny_g1_s2", "tiny_g1-2_s2"]
+    # `sweep cost` prints GPU-hours per tier and the running total
+    assert cli.main(["cost", str(study), "--mfu", "0.5", "--peak-tflops", "100"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    tier_lines = [line.split() for line in lines[lines.index(next(x for x in lines if x.startswith("study  ") and "tier" in x)) + 1:]]
+    hours = {t: sum(p.row["gpu_hours"] for p in plan.points if p.row["tier"] == t) for t in (1, 2)}
+    assert [(t[1], t[2], t[4]) for t in tier_lines] == [("1", "3", "3"), ("2", "2", "5")]
+    assert tier_lines[1][5] == f"{hours[1] + hours[2]:.4g}"
 
 
 # --------------------------------------------------------------------------- the shipped full study
