@@ -90,10 +90,16 @@ def _own_sections() -> dict[str, type]:
 def section_class(section: str) -> type | None:
     """The dataclass of a run-config section (titan-moe's and torchtitan's fields merged)."""
     own = _own_sections()
-    merged = {f.name: f.type for f in fields(job_config.merged_job_config_class())}
-    if section in own and (section not in merged or section in ("arch", "moe", "data", "synthetic", "eval")):
-        return own[section]
-    return merged.get(section)
+    if section in own and section not in _torchtitan_sections():
+        return own[section]  # titan-moe's alone ([arch], [moe], ...): the class as named now
+    # torchtitan's sections, with titan-moe's extras merged in ([training], [metrics], [checkpoint])
+    return {f.name: f.type for f in fields(job_config.merged_job_config_class())}.get(section)
+
+
+def _torchtitan_sections() -> dict[str, type]:
+    from torchtitan.config.job_config import JobConfig as TorchTitanJobConfig
+
+    return {f.name: f.type for f in fields(TorchTitanJobConfig)}
 
 
 def moe_schema() -> type:
@@ -245,13 +251,8 @@ def field_doc(path: str) -> str:
     """The docstring of the run-config field at ``path`` ("" when it has none)."""
     section, _, name = path.rpartition(".")
     parts = section.split(".")
-    classes = [section_class(parts[0])]
-    if parts[0] in _own_sections():
-        classes.append(_own_sections()[parts[0]])
-    from torchtitan.config.job_config import JobConfig as TorchTitanJobConfig
-    titan = {f.name: f.type for f in fields(TorchTitanJobConfig)}
-    if parts[0] in titan:
-        classes.append(titan[parts[0]])
+    # a merged section is built at run time (no source): read its two halves' docstrings
+    classes = [section_class(parts[0]), _own_sections().get(parts[0]), _torchtitan_sections().get(parts[0])]
     for cls in classes:
         if cls is None:
             continue
