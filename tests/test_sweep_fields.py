@@ -56,6 +56,7 @@ def test_any_run_config_field_is_an_axis_written_into_configs_and_columns(tmp_pa
     ({"optimiser.weight_decay": [0.1]}, "spec.axes.optimiser.weight_decay", ["not a run-config section", "optimizer"]),
     ({"moe.aux_loss_weight": ["high"]}, "spec.axes.moe.aux_loss_weight[0]", ["'high'", "float"]),
     ({"training.steps": [10]}, "spec.axes.training.steps", ["set by the planner"]),
+    ({"training.seq_len": [16, 32]}, "spec.axes.training.seq_len", ["steps follow from it"]),
     ({"moe.expert_sets": [[]]}, "spec.axes.moe.expert_sets", ["set by the design"]),
     ({"moe.capacity_factor": [1.0, 1.25]}, "spec.axes.moe.capacity_factor", ["spec.moe.routing", "capacity_factor: 1.25"]),
     ({"moe.z_loss_normalization": ["rows"]}, "spec.axes.moe.z_loss_normalization[0]", ["'rows'", "tokens"]),
