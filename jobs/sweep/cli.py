@@ -5,7 +5,7 @@
     titan-moe sweep launch DIR --local [--nproc N] [--only GLOB] [--eval-tasks T [--eval-arg ARG ...]] [--dry-run]
     titan-moe sweep launch DIR --k8s --image IMAGE [--nodes N] [--gpus-per-node G] [--queue Q] [--only GLOB]
     titan-moe sweep collect DIR
-    titan-moe sweep plot DIR [--metric auto|METRIC | --all-metrics] [--out PLOTS]
+    titan-moe sweep plot DIR [--metric auto|METRIC | --all-metrics] [--only GLOB ...] [--out PLOTS]
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--metric", default="auto", help="any metric column of results.csv, e.g. paloma_c4_en_ce, "
                     "hellaswag_rc_5shot_len_norm_v1; auto: paloma_macro_ce if present, else val_loss, else train_loss")
     pl.add_argument("--all-metrics", action="store_true", help="one figure set per LM loss and eval metric, in OUT/<metric>/")
+    pl.add_argument("--only", action="append", default=[], metavar="GLOB", help="only figures whose name matches (repeat)")
     return parser
 
 
@@ -167,7 +168,8 @@ def _collect(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from jobs.sweep.plot import plot
 
-    written, notes = plot(args.dir, args.results, args.out, args.metric, all_metrics=args.all_metrics)
+    written, notes = plot(args.dir, args.results, args.out, args.metric, all_metrics=args.all_metrics,
+                          only=tuple(args.only))
     for note in notes:
         print(f"note: {note}")
     pngs = [p for p in written if p.suffix == ".png"]

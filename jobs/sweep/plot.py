@@ -29,7 +29,8 @@ across scales (``jobs.sweep.plot_scales``)
 Metrics (``jobs.sweep.plot_data``): ``--metric auto`` is the Paloma
 macro-averaged CE when any point has it, else the validation loss, else the
 training loss; any collected metric column is accepted; ``--all-metrics``
-writes one figure set per LM loss and eval metric into ``<out>/<metric>/``.
+writes one figure set per LM loss and eval metric into ``<out>/<metric>/``;
+``--only GLOB`` draws the figures whose name matches.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ from jobs.sweep.plot_scales import best_granularity_vs_scale, loss_vs_lr
 from titan_moe.errors import ConfigError
 
 
-def make_figures(table: Table, out_dir: Path, spec: str = "", metric: str = "auto",
-                 description: str = "") -> tuple[list[Path], list[str]]:
+def make_figures(table: Table, out_dir: Path, spec: str = "", metric: str = "auto", description: str = "",
+                 only: tuple[str, ...] = ()) -> tuple[list[Path], list[str]]:
     """Every figure the table supports for one metric; returns (written files, notes on skipped figures)."""
     select = choose_metric(table, "auto")
     metric = choose_metric(table, metric)
@@ -55,7 +56,7 @@ def make_figures(table: Table, out_dir: Path, spec: str = "", metric: str = "aut
     settings = table.settings
     refs = references(reduced, settings)
     shown = varying(reduced, settings)
-    f = Figures(out_dir, spec, description, metric, select)
+    f = Figures(out_dir, spec, description, metric, select, only)
     equal = any(r.get("matching") == "equal_resources" or r.get("data_arm") for r in reduced)
     scales = [ScaleData(scale, [r for r in reduced if r["scale"] == scale], refs, shown)
               for scale in dict.fromkeys(r["scale"] for r in reduced)]
@@ -67,7 +68,8 @@ def make_figures(table: Table, out_dir: Path, spec: str = "", metric: str = "aut
 
 
 def plot(plan_dir: str | Path, results: str | Path | None = None, out: str | Path | None = None,
-         metric: str = "auto", spec: str = "", all_metrics: bool = False) -> tuple[list[Path], list[str]]:
+         metric: str = "auto", spec: str = "", all_metrics: bool = False,
+         only: tuple[str, ...] = ()) -> tuple[list[Path], list[str]]:
     plan_dir = Path(plan_dir)
     results = Path(results) if results else plan_dir / "results.csv"
     if not results.is_file():
@@ -79,13 +81,13 @@ def plot(plan_dir: str | Path, results: str | Path | None = None, out: str | Pat
     description = json.loads(index.read_text()).get("description", "") if index.is_file() else ""
     out_dir = Path(out) if out else plan_dir / "plots"
     if not all_metrics:
-        return make_figures(table, out_dir, spec, metric, description)
+        return make_figures(table, out_dir, spec, metric, description, only)
     if metric != "auto":
         raise ConfigError("--all-metrics", "draws every metric; leave --metric out")
     written: list[Path] = []
     notes: list[str] = []
     for name in table.eval_metrics():
-        files, skipped = make_figures(table, out_dir / name, spec, name, description)
+        files, skipped = make_figures(table, out_dir / name, spec, name, description, only)
         written += files
         notes += [note for note in skipped if note not in notes]  # the same skips recur for every metric
     if not table.eval_metrics():

@@ -44,6 +44,8 @@ class Panel:
     flagged: dict[str, list[float]] = field(default_factory=dict)
     """label -> x values of points drawn hollow (compute more than 5% above the dense baseline's)."""
     annotations: list[tuple[float, float, str]] = field(default_factory=list)
+    xparams: bool = False
+    """Label x ticks as parameter counts (50M, 1.2B)."""
     yscale: str = "linear"
     """"linear" or "log2" (granularity on the y axis)."""
     yfractions: bool = False
@@ -54,6 +56,13 @@ FLAG_NOTE = "hollow: > 1.05x dense FLOPs/token"
 def fraction_label(value: float) -> str:
     f = Fraction(value).limit_denominator(4096)
     return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
+
+
+def params_label(params: float) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if params >= scale:
+            return f"{params / scale:.3g}{suffix}"
+    return f"{params:g}"
 
 
 def _draw_panel(ax, panel: Panel) -> None:
@@ -81,7 +90,8 @@ def _draw_panel(ax, panel: Panel) -> None:
         ax.set_yticks(ys)
         ax.set_yticklabels([fraction_label(y) if panel.yfractions else f"{y:g}" for y in ys])
     ax.set_xticks([position[x] for x in xs])
-    ax.set_xticklabels([fraction_label(x) if panel.xfractions else f"{x:g}" for x in xs])
+    ax.set_xticklabels([fraction_label(x) if panel.xfractions else params_label(x) if panel.xparams else f"{x:g}"
+                        for x in xs])
     ax.minorticks_off()
     if len(xs) > 8:  # e.g. 1 .. 16384 experts: upright labels would run into each other
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)

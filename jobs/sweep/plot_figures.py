@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,11 @@ _SETTING_NAMES = {"generalist_granularity": "g_gen", "routing_label": "routing",
 class Figures:
     """Collects the figures drawn from one results table for one metric."""
 
-    def __init__(self, out_dir: Path, spec: str, description: str, metric: str, select: str):
+    def __init__(self, out_dir: Path, spec: str, description: str, metric: str, select: str,
+                 only: tuple[str, ...] = ()):
         self.out_dir, self.spec, self.metric, self.select = out_dir, spec, metric, select
+        self.only = only
+        """Figure-name globs to draw (``sweep plot --only``); empty: every figure."""
         self.ylabel = metric_label(metric)
         self.about = f"Spec '{spec}'" + (f" ({description.rstrip('.')})" if description else "")
         self.written: list[Path] = []
@@ -38,6 +42,8 @@ class Figures:
         return f"mean over seeds at the best learning rate{chosen}"
 
     def add(self, stem: str, panels: list[Panel], what: str, fixed: str, reduction: str | None = None) -> None:
+        if self.only and not any(fnmatch(stem, pattern) for pattern in self.only):
+            return
         caption = f"{what}. {self.about}. Metric: {self.ylabel}, {reduction or self.reduction()}; {fixed}."
         if any(p.flagged for p in panels):
             caption += (" Hollow markers: true FLOPs/token (routers included) more than 1.05x the dense "
@@ -103,10 +109,3 @@ def tokens_label(tokens: float) -> str:
         if tokens >= scale:
             return f"{tokens / scale:.3g}{suffix}"
     return f"{tokens:,.0f}"
-
-
-def params_label(params: float) -> str:
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if params >= scale:
-            return f"{params / scale:.3g}{suffix}"
-    return f"{params:g}"

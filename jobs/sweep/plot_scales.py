@@ -15,9 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 from jobs.sweep.plot_data import _axis_label, at_reference, flagged, higher_is_better
-from jobs.sweep.plot_draw import Panel
+from jobs.sweep.plot_draw import Panel, params_label
 from jobs.sweep.plot_families import ScaleData
-from jobs.sweep.plot_figures import Figures, panel, params_label
+from jobs.sweep.plot_figures import Figures, panel
 
 
 def active_size(d: ScaleData) -> float | None:
@@ -32,12 +32,13 @@ def active_size(d: ScaleData) -> float | None:
 def best_granularity_vs_scale(f: Figures, scales: list[ScaleData]) -> None:
     pick = max if higher_is_better(f.metric) else min
     left = Panel("best granularity vs active parameters", _axis_label("active_params"), "best granularity g", {},
-                 yscale="log2", yfractions=True)
+                 yscale="log2", yfractions=True, xparams=True)
     right = Panel("best granularity vs total parameters", _axis_label("total_params"), "best granularity g", {},
-                  yscale="log2", yfractions=True)
+                  yscale="log2", yfractions=True, xparams=True)
     for d in scales:
         active = active_size(d)
         homog = d.moe()
+        totals, best_gs = [], []
         for sparsity in dict.fromkeys(r["sparsity"] for r in homog):
             rows = [r for r in homog if r["sparsity"] == sparsity]
             if len({r["granularity"] for r in rows}) < 2 or active is None:
@@ -46,10 +47,14 @@ def best_granularity_vs_scale(f: Figures, scales: list[ScaleData]) -> None:
             g = best["granularity_value"]
             left.series.setdefault(f"sparsity {sparsity}", []).append((active, g))
             right.series.setdefault(d.scale, []).append((best["total_params"], g))
-            left.annotations.append((active, g, f"{params_label(best['total_params'])} total"))
+            totals.append(best["total_params"])
+            best_gs.append(g)
             if flagged(best):
                 left.flagged.setdefault(f"sparsity {sparsity}", []).append(active)
                 right.flagged.setdefault(d.scale, []).append(best["total_params"])
+        if totals:  # the total-parameter range behind the scale's points
+            low, high = params_label(min(totals)), params_label(max(totals))
+            left.annotations.append((active, max(best_gs), (low if low == high else f"{low}-{high}") + " total"))
     if not left.series:
         f.notes.append("no scale has two granularities at one sparsity (with active parameters); "
                        "skipped best_granularity_vs_scale")
