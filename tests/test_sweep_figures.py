@@ -236,3 +236,24 @@ def test_a_setting_swept_by_dotted_path_is_an_axis_and_held_elsewhere(tmp_path, 
     # the granularity figure shows the runs at the first weight decay (0.1), not a mean over all three
     assert fig2["panels"][0]["series"] == approx({"sparsity 4": [(0.25, 3.25), (0.5, 3.5)]})
     assert "optimizer weight decay 0.1" in fig2["caption"]
+
+
+def test_generalist_with_heterogeneous_experts_is_drawn_over_the_pairs(tmp_path, capsys):
+    def loss(pair: str, gen: str) -> float:
+        return 3.0 + float(Fraction(pair.split("+")[0])) + (0.03 if gen == "1/2" else 0.0)
+
+    rows = []
+    for pair in ("1/4+1/8", "1/8+1/16"):
+        for gen in ("0", "1/2"):
+            row = moe_row("a50m", "1/4", 8, generalist_granularity=gen, train_loss=loss(pair, gen))
+            row.update(heterogeneous=True, granularity=pair, granularity_value=None, set_shares="1/2+1/2",
+                       name=f"het_{pair}_{gen}".replace("/", "-"))
+            rows.append(row)
+    plan = write_table(tmp_path, rows)
+    assert cli.main(["plot", plan, "--only", "generalist_*"]) == 0
+    capsys.readouterr()
+    (p,) = figure(plan, "generalist_a50m")["panels"]  # no homogeneous points: the heterogeneous panel only
+    assert p["xlabel"] == "heterogeneous pair (g, g/2): g"
+    assert p["series"] == approx({"no generalist": [(0.125, loss("1/8+1/16", "0")), (0.25, loss("1/4+1/8", "0"))],
+                                  "generalist 1/2": [(0.125, loss("1/8+1/16", "1/2")),
+                                                     (0.25, loss("1/4+1/8", "1/2"))]})

@@ -8,6 +8,7 @@ absent adds a note instead of a figure.  ``scale_figures`` draws them all.
 from __future__ import annotations
 
 from collections import defaultdict
+from fractions import Fraction
 from typing import Any
 
 from jobs.sweep.plot_data import _axis_label, at_reference
@@ -146,6 +147,10 @@ def _generalist_name(r: dict[str, Any]) -> str:
     return "no generalist" if g in ("0", "", None) else f"generalist {g}"
 
 
+def _coarser(r: dict[str, Any]) -> float:
+    return max(float(Fraction(g)) for g in r["granularity"].split("+"))
+
+
 def generalist(f: Figures, d: ScaleData) -> None:
     """A line per generalist granularity (none = 0), homogeneous and heterogeneous routed experts."""
     free = ("generalist_granularity",)
@@ -157,9 +162,11 @@ def generalist(f: Figures, d: ScaleData) -> None:
                             f.ylabel, homog, lambda r: (r["granularity_value"], _with_sparsity(_generalist_name(r), r, many)),
                             reference_lines=d.dense, xfractions=True))
     if len({r["generalist_granularity"] for r in het}) > 1:
-        panels.append(panel(f"with heterogeneous experts ({d.scale})", SX, f.ylabel, het,
-                            lambda r: (r["sparsity_value"], f"heterogeneous {r['granularity']}, {_generalist_name(r)}"),
-                            reference_lines=d.dense))
+        many = len({r["sparsity"] for r in het}) > 1
+        # x: the pair's coarser granularity g (the pair is (g, g/2)), so the panel reads like the one beside it
+        panels.append(panel(f"with heterogeneous experts ({d.scale})", "heterogeneous pair (g, g/2): g", f.ylabel,
+                            het, lambda r: (_coarser(r), _with_sparsity(_generalist_name(r), r, many)),
+                            reference_lines=d.dense, xfractions=True))
     if not panels:
         f.skip(d.scale, "generalist", "a single generalist granularity")
         return
