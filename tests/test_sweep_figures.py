@@ -128,17 +128,21 @@ def test_best_granularity_per_scale_default_metric_and_hollow_points(tmp_path, c
 
 
 # ---------------------------------------------------------------------------------------- metrics
-def metric_rows() -> list[dict]:
-    """Two granularities x two learning rates x two seeds; lr 1e-3 has the better Paloma CE, 3e-3 the
-    better HellaSwag accuracy (so the accuracy figure shows the runs the LM metric chose)."""
-    rows = [dense_row("tiny", active_params=1e6, total_params=1e6, paloma_macro_ce=4.0, paloma_c4_en_ce=4.5,
-                      hellaswag_rc_5shot_len_norm_v1=0.25)]
-    for g, base in (("1/2", 3.0), ("1/4", 2.9)):
-        for lr, shift, acc in ((1e-3, 0.0, 0.30), (3e-3, 0.1, 0.40)):
-            for seed in (0, 1):
-                rows.append(moe_row("tiny", g, 2, lr=lr, seed=seed, total_params=2e6, paloma_macro_ce=base + shift + 0.02 * seed,
-                                    paloma_c4_en_ce=base + 0.5 + shift, moe_load_imbalance=1.5 + seed,
-                                    hellaswag_rc_5shot_len_norm_v1=acc + (0.1 if g == "1/2" else 0) + 0.01 * seed))
+def metric_rows(scales: tuple[tuple[str, float], ...] = (("tiny", 1e6),)) -> list[dict]:
+    """Two granularities x two learning rates x two seeds per scale; lr 1e-3 has the better Paloma CE,
+    3e-3 the better HellaSwag accuracy (so the accuracy figure shows the runs the LM metric chose);
+    g = 1/4 has the better CE, g = 1/2 the better accuracy."""
+    rows = []
+    for scale, active in scales:
+        rows.append(dense_row(scale, active_params=active, total_params=active, paloma_macro_ce=4.0,
+                              paloma_c4_en_ce=4.5, hellaswag_rc_5shot_len_norm_v1=0.25))
+        for g, base in (("1/2", 3.0), ("1/4", 2.9)):
+            for lr, shift, acc in ((1e-3, 0.0, 0.30), (3e-3, 0.1, 0.40)):
+                for seed in (0, 1):
+                    rows.append(moe_row(scale, g, 2, lr=lr, seed=seed, total_params=2 * active,
+                                        paloma_macro_ce=base + shift + 0.02 * seed, paloma_c4_en_ce=base + 0.5 + shift,
+                                        moe_load_imbalance=1.5 + seed,
+                                        hellaswag_rc_5shot_len_norm_v1=acc + (0.1 if g == "1/2" else 0) + 0.01 * seed))
     return rows
 
 
@@ -166,7 +170,7 @@ def test_metric_reduction_chooses_the_lr_on_the_lm_metric_and_errors_list_the_me
 
 
 def test_any_metric_and_all_metrics_write_one_figure_set_per_eval_metric(tmp_path, capsys):
-    plan = write_table(tmp_path, [r for r in metric_rows() if r["lr"] == 1e-3])
+    plan = write_table(tmp_path, [r for r in metric_rows((("tiny", 1e6), ("big", 4e6))) if r["lr"] == 1e-3])
     assert cli.main(["plot", plan, "--metric", "hellaswag_rc_5shot_len_norm_v1", "--only", "loss_vs_granularity_tiny",
                      "--only", "best_*"]) == 0
     capsys.readouterr()
@@ -175,7 +179,7 @@ def test_any_metric_and_all_metrics_write_one_figure_set_per_eval_metric(tmp_pat
     assert acc["panels"][0]["series"] == approx({"sparsity 2": [(0.25, 0.305), (0.5, 0.405)]})
     assert acc["panels"][0]["reference_lines"] == {"dense baseline": 0.25}
     best = figure(plan, "best_granularity_vs_scale")["panels"][0]
-    assert best["series"] == {"sparsity 2": [[1e6, 0.5]]}  # an accuracy: the highest wins
+    assert best["series"] == {"sparsity 2": [[1e6, 0.5], [4e6, 0.5]]}  # an accuracy: the highest wins
 
     assert cli.main(["plot", plan, "--all-metrics", "--only", "loss_vs_granularity_tiny"]) == 0
     printed = capsys.readouterr().out

@@ -100,8 +100,7 @@ def test_plot_draws_every_figure_kind_with_its_series(tmp_path, capsys):
     printed = capsys.readouterr().out
     plots = plan_dir / "plots"
     expected = {"loss_vs_granularity_tiny", "loss_vs_granularity_fixed_n_tiny", "loss_vs_total_experts_tiny",
-                "routing_tiny", "heterogeneous_tiny", "generalist_tiny", "load_balancing_tiny",
-                "best_granularity_vs_scale", "loss_vs_lr"}
+                "routing_tiny", "heterogeneous_tiny", "generalist_tiny", "load_balancing_tiny", "loss_vs_lr"}
     for suffix in ("png", "svg", "json"):
         assert {p.stem for p in plots.glob(f"*.{suffix}")} == expected, suffix
     for stem in expected:
@@ -113,7 +112,8 @@ def test_plot_draws_every_figure_kind_with_its_series(tmp_path, capsys):
         # no eval results: the caption says the figure shows the training loss
         assert data["metric"] == "train_loss" and "Metric: LM loss (train CE" in data["caption"], stem
     assert f"wrote {len(expected)} figures" in printed
-    assert printed.count("note:") == 1 and "skipped more_data" in printed  # one budget only
+    assert printed.count("note:") == 2 and "skipped more_data" in printed  # one budget only
+    assert "a single active scale; skipped best_granularity_vs_scale" in printed
 
     # Fig. 2: one line per sparsity over granularity, at the reference settings, and the dense line.
     fig2 = figure(plots, "loss_vs_granularity_tiny")["panels"]
@@ -207,9 +207,9 @@ def test_figures_without_data_are_skipped_with_a_note(tmp_path, capsys):
     assert cli.main(["plot", str(plan_dir), "--out", str(tmp_path / "figs")]) == 0
     printed = capsys.readouterr().out
     assert {p.stem for p in (tmp_path / "figs").glob("*.png")} == {
-        "loss_vs_granularity_tiny", "loss_vs_total_experts_tiny", "best_granularity_vs_scale", "loss_vs_lr"}
+        "loss_vs_granularity_tiny", "loss_vs_total_experts_tiny", "loss_vs_lr"}
     for name in ("loss_vs_granularity_fixed_n", "routing", "load_balancing", "heterogeneous", "generalist",
-                 "more_data"):
+                 "more_data", "best_granularity_vs_scale"):
         assert f"skipped {name}" in printed
 
     # A metric the results do not have is an error that lists the ones they have.

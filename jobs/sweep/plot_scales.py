@@ -30,6 +30,9 @@ def active_size(d: ScaleData) -> float | None:
 
 
 def best_granularity_vs_scale(f: Figures, scales: list[ScaleData]) -> None:
+    if len(scales) < 2:  # one scale's best g is read off loss_vs_granularity; the headline is about the trend
+        f.notes.append("a single active scale; skipped best_granularity_vs_scale")
+        return
     pick = max if higher_is_better(f.metric) else min
     left = Panel("best granularity vs active parameters", _axis_label("active_params"), "best granularity g", {},
                  yscale="log2", yfractions=True, xparams=True)
