@@ -52,7 +52,13 @@ class Figures:
                              metric=self.metric, metric_label=self.ylabel)
 
     def skip(self, scale: str, what: str, why: str) -> None:
-        self.notes.append(f"{scale}: {why}; skipped {what}")
+        """One note per (figure, reason) however many scales it applies to (a study has five)."""
+        key = f"skipped {what} at "
+        for i, note in enumerate(self.notes):
+            if note.startswith(key) and note.endswith(f": {why}"):
+                self.notes[i] = note[: -len(f": {why}")] + f", {scale}: {why}"
+                return
+        self.notes.append(f"{key}{scale}: {why}")
 
 
 def lines(rows: list[dict[str, Any]], key_fn: KeyFn, column: str = "value"
