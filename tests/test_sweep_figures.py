@@ -261,3 +261,29 @@ def test_generalist_with_heterogeneous_experts_is_drawn_over_the_pairs(tmp_path,
     assert p["series"] == approx({"no generalist": [(0.125, loss("1/8+1/16", "0")), (0.25, loss("1/4+1/8", "0"))],
                                   "generalist 1/2": [(0.125, loss("1/8+1/16", "1/2")),
                                                      (0.25, loss("1/4+1/8", "1/2"))]})
+
+
+def test_load_balancing_lines_per_setting_over_n_mark_averages_holding_an_over_budget_design(tmp_path, capsys):
+    designs = [("1/4", 2), ("1/8", 64), ("1/4", 128)]  # n = 8, 512, 512
+
+    def loss(g: str, s: int, gamma: float) -> float:  # the bias rate hurts only at n >= 512
+        n = s / float(Fraction(g))
+        return 3.0 + float(Fraction(g)) + (0.1 if gamma and n >= 512 else 0.0)
+
+    rows = [moe_row("a50m", g, s, aux_loss_weight=alpha, bias_update_rate=gamma, train_loss=loss(g, s, gamma),
+                    moe_load_imbalance=2.0 - 100 * gamma, flops_ratio_vs_dense=1.3 if s == 64 else 1.0)
+            for alpha in (0.01, 0.0001) for gamma in (0.0, 0.001) for g, s in designs]
+    for r in rows:
+        r["name"] += f"_a{r['aux_loss_weight']}_b{r['bias_update_rate']}"
+    plan = write_table(tmp_path, rows)
+    assert cli.main(["plot", plan, "--only", "load_balancing_*"]) == 0
+    capsys.readouterr()
+    loss_panel, imbalance, *rest = figure(plan, "load_balancing_a50m")["panels"]
+    assert rest == []  # no LB loss logged: no panel for it
+    at_512 = (loss("1/8", 64, 0) + loss("1/4", 128, 0)) / 2
+    assert loss_panel["series"] == approx({
+        f"α = {a}, γ = {b}": [(8, 3.25), (512, at_512 + (0.1 if b == "0.001" else 0))]
+        for a in ("0.01", "0.0001") for b in ("0", "0.001")})
+    assert imbalance["series"]["α = 0.0001, γ = 0.001"] == approx({"l": [(8, 1.9), (512, 1.9)]})["l"]
+    # n = 512 averages (1/8, 64), whose true FLOPs are 1.3x dense: marked on every line
+    assert loss_panel["flagged"] == {f"α = {a}, γ = {b}": [512] for a in ("0.01", "0.0001") for b in ("0", "0.001")}

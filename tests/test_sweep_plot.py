@@ -138,7 +138,7 @@ def test_plot_draws_every_figure_kind_with_its_series(tmp_path, capsys):
     # Load balancing: a line per (alpha, gamma) over n; each point the mean over the designs at that n.
     lb = figure(plots, "load_balancing_tiny")
     assert [p["title"] for p in lb["panels"]] == ["loss (tiny)", "load imbalance (tiny)", "LB loss (tiny)"]
-    assert "mean over the 4 designs" in lb["caption"]
+    assert "averages the designs (g, s) with that n among the 4 run under every setting" in lb["caption"]
     loss, imbalance, lb_loss = (p["series"] for p in lb["panels"])
     assert sorted(loss) == ["α = 0.0001, γ = 0", "α = 0.0001, γ = 0.001", "α = 0.01, γ = 0", "α = 0.01, γ = 0.001"]
 

@@ -11,7 +11,7 @@ from collections import defaultdict
 from fractions import Fraction
 from typing import Any
 
-from jobs.sweep.plot_data import _axis_label, at_reference
+from jobs.sweep.plot_data import _axis_label, at_reference, flagged
 from jobs.sweep.plot_draw import Panel
 from jobs.sweep.plot_figures import Figures, dense_line, fixed, panel, tokens_label
 
@@ -95,22 +95,27 @@ def load_balancing(f: Figures, d: ScaleData) -> None:
                                   ("moe_load_imbalance", "load imbalance", _axis_label("moe_load_imbalance")),
                                   ("moe_aux_loss", "LB loss", _axis_label("moe_aux_loss"))):
         series: dict[str, list[tuple[float, float]]] = {}
+        over: dict[str, list[float]] = {}
         for alpha, gamma in settings:
             per_n: dict[float, list[float]] = defaultdict(list)
+            marked: set[float] = set()  # an average holding an over-budget design is marked too
             for runs in complete:
                 r = runs[(alpha, gamma)]
                 if r.get(column) is not None:
                     per_n[r["num_experts"]].append(r[column])
-            points = [(n, sum(v) / len(v)) for n, v in per_n.items()]
-            if points:
-                series[f"α = {alpha:g}, γ = {gamma:g}"] = points
+                    if flagged(r):
+                        marked.add(r["num_experts"])
+            label = f"α = {alpha:g}, γ = {gamma:g}"
+            if per_n:
+                series[label] = [(n, sum(v) / len(v)) for n, v in per_n.items()]
+                over[label] = sorted(marked)
         if series:
-            panels.append(Panel(f"{title} ({d.scale})", NX, ylabel, series))
+            panels.append(Panel(f"{title} ({d.scale})", NX, ylabel, series, flagged={k: v for k, v in over.items() if v}))
         elif column != "value":
             f.notes.append(f"{d.scale}: no {column} logged; load_balancing shows no {title} panel")
     f.add(f"load_balancing_{d.scale}", panels,
           f"Load balancing: aux-loss weight α x loss-free bias rate γ, a line per setting vs total experts n; "
-          f"each point is the mean over the {len(complete)} designs (g, s) run under every setting at that n; "
+          f"each point averages the designs (g, s) with that n among the {len(complete)} run under every setting; "
           "load imbalance (max / mean expert load) and LB loss are means over the last 50 steps",
           d.fixed(free))
 
