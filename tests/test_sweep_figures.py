@@ -167,6 +167,9 @@ def test_metric_reduction_chooses_the_lr_on_the_lm_metric_and_errors_list_the_me
     err = capsys.readouterr().err
     assert ("--metric: unknown metric 'hellaswag_acc'; the results have: auto, hellaswag_rc_5shot_len_norm_v1, "
             "moe_load_imbalance, paloma_c4_en_ce, paloma_macro_ce") in err
+    assert cli.main(["plot", plan, "--all-metrics", "--metric", "paloma_macro_ce"]) == 2
+    assert "--all-metrics: draws every metric; leave --metric out" in capsys.readouterr().err
+    assert not (tmp_path / "plan" / "plots").exists()  # nothing half-written
 
 
 def test_any_metric_and_all_metrics_write_one_figure_set_per_eval_metric(tmp_path, capsys):
