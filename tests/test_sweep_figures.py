@@ -179,6 +179,7 @@ def test_any_metric_and_all_metrics_write_one_figure_set_per_eval_metric(tmp_pat
     capsys.readouterr()
     acc = figure(plan, "loss_vs_granularity_tiny")
     assert acc["metric_label"] == "hellaswag rc 5shot len norm v1 (higher is better)"
+    assert acc["panels"][0]["title"] == "score vs granularity (tiny)"  # an accuracy is not called a loss
     assert acc["panels"][0]["series"] == approx({"sparsity 2": [(0.25, 0.305), (0.5, 0.405)]})
     assert acc["panels"][0]["reference_lines"] == {"dense baseline": 0.25}
     best = figure(plan, "best_granularity_vs_scale")["panels"][0]

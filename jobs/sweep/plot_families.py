@@ -51,27 +51,27 @@ def grid(f: Figures, d: ScaleData) -> None:
         return
     s = d.scale
     f.add(f"loss_vs_granularity_{s}",
-          [panel(f"loss vs granularity ({s})", GX, f.ylabel, homog,
+          [panel(f"{f.noun} vs granularity ({s})", GX, f.ylabel, homog,
                  lambda r: (r["granularity_value"], f"sparsity {r['sparsity']}"), reference_lines=d.dense,
                  xfractions=True)],
-          "LM loss vs expert granularity, one line per sparsity s = n/k, FLOP-matched to the dense line", d.fixed())
+          f"{f.noun.capitalize()} vs expert granularity, one line per sparsity s = n/k, FLOP-matched to the dense line", d.fixed())
     counts: dict[float, int] = defaultdict(int)
     for r in homog:
         counts[r["num_experts"]] += 1
     shared = [r for r in homog if counts[r["num_experts"]] > 1]
     if shared:
         f.add(f"loss_vs_granularity_fixed_n_{s}",
-              [panel(f"loss vs granularity at fixed total experts ({s})", GX, f.ylabel, shared,
+              [panel(f"{f.noun} vs granularity at fixed total experts ({s})", GX, f.ylabel, shared,
                      lambda r: (r["granularity_value"], f"n = {r['num_experts']:g}"), reference_lines=d.dense,
                      xfractions=True)],
-              "Paper Fig. 2 (left): LM loss vs granularity at a fixed total expert count n (one line per n; "
+              f"Paper Fig. 2 (left): {f.noun} vs granularity at a fixed total expert count n (one line per n; "
               "finer experts at fixed n activate more of them)", d.fixed())
     else:
         f.skip(s, "loss_vs_granularity_fixed_n", "no total expert count n with two granularities")
     f.add(f"loss_vs_total_experts_{s}",
-          [panel(f"loss vs total experts ({s})", NX, f.ylabel, homog,
+          [panel(f"{f.noun} vs total experts ({s})", NX, f.ylabel, homog,
                  lambda r: (r["num_experts"], f"granularity {r['granularity']}"), reference_lines=d.dense)],
-          "LM loss vs total experts n at fixed granularity (one line each)", d.fixed())
+          f"{f.noun.capitalize()} vs total experts n at fixed granularity (one line each)", d.fixed())
 
 
 def load_balancing(f: Figures, d: ScaleData) -> None:
@@ -91,7 +91,7 @@ def load_balancing(f: Figures, d: ScaleData) -> None:
         f.skip(d.scale, "load_balancing", "no design ran under every load-balancing setting")
         return
     panels = []
-    for column, title, ylabel in (("value", "loss", f.ylabel),
+    for column, title, ylabel in (("value", f.noun, f.ylabel),
                                   ("moe_load_imbalance", "load imbalance", _axis_label("moe_load_imbalance")),
                                   ("moe_aux_loss", "LB loss", _axis_label("moe_aux_loss"))):
         series: dict[str, list[tuple[float, float]]] = {}
@@ -259,10 +259,10 @@ def other_settings(f: Figures, d: ScaleData, settings: list[str]) -> None:
             continue
         log = all(v > 0 for v in values)
         f.add(f"loss_vs_{axis}_{d.scale}",
-              [panel(f"loss vs {_axis_label(axis)} ({d.scale})", _axis_label(axis), f.ylabel, rows,
+              [panel(f"{f.noun} vs {_axis_label(axis)} ({d.scale})", _axis_label(axis), f.ylabel, rows,
                      lambda r, a=axis: (r[a], f"g {r['granularity']}, s {r['sparsity']}"),
                      xscale="log2" if log else "category", reference_lines=d.dense)],
-              f"LM loss vs {_axis_label(axis)}, one line per design", d.fixed((axis,)))
+              f"{f.noun.capitalize()} vs {_axis_label(axis)}, one line per design", d.fixed((axis,)))
 
 
 def scale_figures(f: Figures, d: ScaleData, settings: list[str], equal: bool) -> None:

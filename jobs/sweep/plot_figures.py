@@ -15,7 +15,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from jobs.sweep.plot_data import _axis_label, flagged, metric_label
+from jobs.sweep.plot_data import _axis_label, flagged, higher_is_better, metric_label
 from jobs.sweep.plot_draw import Panel, draw
 
 KeyFn = Callable[[dict[str, Any]], "tuple[float, str] | None"]
@@ -33,6 +33,7 @@ class Figures:
         self.only = only
         """Figure-name globs to draw (``sweep plot --only``); empty: every figure."""
         self.ylabel = metric_label(metric)
+        self.noun = "score" if higher_is_better(metric) else "loss"  # in titles: "loss vs granularity"
         self.about = f"Spec '{spec}'" + (f" ({description.rstrip('.')})" if description else "")
         self.written: list[Path] = []
         self.notes: list[str] = []

@@ -81,9 +81,9 @@ def loss_vs_lr(f: Figures, scales: list[ScaleData], per_lr: list[dict[str, Any]]
         def design(r: dict[str, Any]) -> tuple[float, str]:
             return r["lr"], "dense" if r["kind"] == "dense" else f"g {r['granularity']}, s {r['sparsity']}"
 
-        panels.append(panel(f"loss vs learning rate ({d.scale})", _axis_label("lr"), f.ylabel, rows, design))
+        panels.append(panel(f"{f.noun} vs learning rate ({d.scale})", _axis_label("lr"), f.ylabel, rows, design))
     if not panels:
         f.notes.append("a single learning rate per design; skipped loss_vs_lr")
         return
-    f.add("loss_vs_lr", panels, "LM loss vs peak learning rate, one line per design", scales[0].fixed(),
+    f.add("loss_vs_lr", panels, f"{f.noun.capitalize()} vs peak learning rate, one line per design", scales[0].fixed(),
           reduction="mean over seeds at each learning rate")
