@@ -5,7 +5,7 @@
     titan-moe sweep launch DIR --local [--nproc N] [--only GLOB] [--eval-tasks T [--eval-arg ARG ...]] [--dry-run]
     titan-moe sweep launch DIR --k8s --image IMAGE [--nodes N] [--gpus-per-node G] [--queue Q] [--only GLOB]
     titan-moe sweep collect DIR
-    titan-moe sweep plot DIR [--metric auto|train_loss|val_loss|paloma_macro_ce] [--out PLOTS]
+    titan-moe sweep plot DIR [--metric auto|METRIC | --all-metrics] [--only GLOB ...] [--out PLOTS]
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("dir")
     pl.add_argument("--results", help="results CSV (default DIR/results.csv)")
     pl.add_argument("--out", help="figure directory (default DIR/plots)")
-    pl.add_argument("--metric", default="auto", help="auto (validation loss if present, else train), train_loss, val_loss, paloma_macro_ce")
+    pl.add_argument("--metric", default="auto", help="any metric column of results.csv, e.g. paloma_c4_en_ce, "
+                    "hellaswag_rc_5shot_len_norm_v1; auto: paloma_macro_ce if present, else val_loss, else train_loss")
+    pl.add_argument("--all-metrics", action="store_true", help="one figure set per LM loss and eval metric, in OUT/<metric>/")
+    pl.add_argument("--only", action="append", default=[], metavar="GLOB", help="only figures whose name matches (repeat)")
     return parser
 
 
@@ -185,14 +188,15 @@ def _collect(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from jobs.sweep.plot import plot
 
-    written, notes = plot(args.dir, args.results, args.out, args.metric)
+    written, notes = plot(args.dir, args.results, args.out, args.metric, all_metrics=args.all_metrics,
+                          only=tuple(args.only))
     for note in notes:
         print(f"note: {note}")
     pngs = [p for p in written if p.suffix == ".png"]
-    print(f"wrote {len(pngs)} figures (PNG + SVG + JSON series) into {pngs[0].parent if pngs else args.out or Path(args.dir) / 'plots'}")
+    print(f"wrote {len(pngs)} figures (PNG + SVG + JSON series) into {args.out or Path(args.dir) / 'plots'}")
     for p in pngs:
-        print(f"  {p.stem}")
-    return 0
+        print(f"  {p.parent.name + '/' if args.all_metrics else ''}{p.stem}")
+    return 0 if pngs else 1
 
 
 def main(argv: list[str] | None = None) -> int:
