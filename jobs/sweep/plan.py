@@ -17,15 +17,11 @@ Budget (B = global_batch_size x seq_len tokens per step)::
     train_flops   = flops_per_token x tokens
     gpu_hours     = train_flops / (mfu x peak_tflops x 1e12) / 3600
 
-Equal resources (matching: equal_resources; designs.py has the expert-count rule)::
-
-    dense:  tokens_dense as above; unique_tokens = tokens_dense; repeat 1
-    MoE:    steps = round(flops_per_token_dense x tokens_dense / (flops_per_token_moe x B))
-            (equal training FLOPs up to half a step), tokens = steps x B,
-            unique_tokens = tokens_dense (equal unique data),
-            repeat = tokens / unique_tokens epochs for every source in
-            [data].repeat, and [data].token_budget = tokens, so the loader
-            shrinks the unique pool to tokens / repeat = tokens_dense.
+Equal resources (matching: equal_resources; designs.py has the expert-count rule,
+equal_resources.py the budget): every MoE point trains for the dense run's
+training FLOPs, in each data arm of ``spec.equal_resources.data_arms`` -- "reuse"
+(the dense run's unique tokens, repeated) or "fresh" (the same tokens, all unique);
+the index's ``data_arm`` column names it.
 
 Invalid points (non-integral top-k or expert count, non-integral expert width,
 an expert count the target ``ep_degree`` does not divide, anything else the
@@ -44,12 +40,13 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
+from itertools import product
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from jobs.sweep import tomlw
+from jobs.sweep import equal_resources, tomlw
 from jobs.sweep.designs import Design, enumerate_designs, moe_section
 from jobs.sweep.spec import ScaleSpec, SweepSpec
 from titan_moe.errors import ConfigError
@@ -71,7 +68,7 @@ COLUMNS = [
     "total_params", "active_params", "embedding_params", "non_embedding_active_params",
     "dense_total_params", "flops_per_token", "flop_ratio", "flop_matched",
     "seq_len", "global_batch_size", "steps", "warmup_steps",
-    "tokens_target", "tokens", "unique_tokens", "data_repeat",
+    "tokens_target", "tokens", "unique_tokens", "data_repeat", "data_arm",
     "train_flops", "gpu_hours", "mfu", "config",
 ]
 INVALID_COLUMNS = ["name", "scale", "granularity", "sparsity", "generalist_granularity", "routing",
@@ -208,9 +205,9 @@ def build_plan(spec: SweepSpec, out_dir: str | Path) -> Plan:
             if reason is not None:
                 plan.invalid.append(_invalid_row(f"{scale.name}_{tag}", scale, design, len(runs), reason))
                 continue
-            for m, lr, seed in runs:
-                budget = _moe_budget(spec, d, dense, dense_steps[m], m, batch_tokens)
-                name = f"{scale.name}_{tag}" + _run_tag(spec, m, lr, seed)
+            for (m, lr, seed), arm in product(runs, equal_resources.data_arms(spec)):
+                budget = _moe_budget(spec, d, dense, dense_steps[m], m, batch_tokens, arm)
+                name = f"{scale.name}_{tag}" + _run_tag(spec, m, lr, seed) + equal_resources.arm_tag(spec, arm)
                 plan.points.append(_point(spec, out_dir, name, scale, design, d, dense, budget, m, lr, seed))
 
     names = [p.name for p in plan.points]
@@ -231,20 +228,14 @@ def _ep_problem(design: Design, spec: SweepSpec) -> str | None:
 
 
 def _moe_budget(spec: SweepSpec, d: dict, dense: dict, dense_steps: int, multiple: float,
-                batch_tokens: int) -> dict[str, Any]:
+                batch_tokens: int, arm: str) -> dict[str, Any]:
     if spec.matching == "flop":
         target = _target(spec, dense if spec.budget.basis == "dense" else d, multiple)
         steps = _steps(target, batch_tokens)
         tokens = steps * batch_tokens
         return {"tokens_target": target, "steps": steps, "tokens": tokens, "unique_tokens": tokens, "repeat": 1.0}
-    # Equal resources: the dense run's training FLOPs and unique tokens.
-    dense_tokens = dense_steps * batch_tokens
-    dense_flops = dense["flops_per_token"] * dense_tokens
-    target = Fraction(dense_flops, d["flops_per_token"])
-    steps = max(1, round(target / batch_tokens))
-    tokens = steps * batch_tokens
-    return {"tokens_target": target, "steps": steps, "tokens": tokens, "unique_tokens": dense_tokens,
-            "repeat": tokens / dense_tokens}
+    return equal_resources.moe_budget(d["flops_per_token"], dense["flops_per_token"], dense_steps * batch_tokens,
+                                      batch_tokens, arm)
 
 
 def _invalid_row(name: str, scale: ScaleSpec, design: Design, skipped: int, reason: str) -> dict[str, Any]:
@@ -301,6 +292,7 @@ def _point(spec: SweepSpec, out_dir: Path, name: str, scale: ScaleSpec, design: 
         "warmup_steps": warmup,
         "tokens_target": math.ceil(budget["tokens_target"]), "tokens": tokens,
         "unique_tokens": budget["unique_tokens"], "data_repeat": budget["repeat"],
+        "data_arm": budget.get("data_arm", ""),
         "train_flops": train_flops, "gpu_hours": _gpu_hours(spec, train_flops), "mfu": spec.cluster.mfu,
         "config": f"points/{name}/{CONFIG_NAME}",
     }
@@ -327,9 +319,7 @@ def _run_config(spec: SweepSpec, point_dir: Path, name: str, scale: ScaleSpec, m
     doc["metrics"] = {"save_tb_folder": "tb", **run.pop("metrics", {}), "enable_tensorboard": True}
     data = run.pop("data", {})
     if spec.matching == "equal_resources":
-        data["token_budget"] = budget["tokens"]
-        if design is not None:
-            data["repeat"] = {source: budget["repeat"] for source in spec.equal_resources.sources}
+        data.update(equal_resources.data_keys(spec, budget, design is not None))
     if data:
         doc["data"] = data
     debug = run.pop("debug", {})
