@@ -8,6 +8,6 @@
 
 Modules: ``spec`` (the typed spec, YAML loading), ``spec_check`` (its validation), ``designs`` (the
 top-k / expert-count rules that turn axes into expert sets), ``plan`` (budgets,
-run configs, the index), ``cost`` (GPU-hours per study), ``tomlw`` (a small TOML
+run configs, the index), ``equal_resources`` (that mode's budget and data arms), ``cost`` (GPU-hours per study), ``tomlw`` (a small TOML
 writer), ``launch``, ``collect``, ``plot`` (figure data) and ``plot_draw`` (rendering), ``cli``.
 """
