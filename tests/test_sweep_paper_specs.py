@@ -16,7 +16,7 @@ from jobs.sweep.plan import build_plan, write_plan
 from jobs.sweep.spec_file import load_spec
 from tests.sweep_support import SPECS
 
-STUDIES = sorted(p.stem for p in SPECS.glob("*.yaml") if p.stem != "paper_base")
+STUDIES = sorted(p.stem for p in SPECS.glob("*.yaml") if p.stem not in ("paper_base", "ladder"))
 PAPER_STUDIES = ["main_grid", "load_balancing", "generalist", "generalist_heterogeneous", "heterogeneous",
                  "dropless_vs_default", "lr_sweep", "more_data_10m", "more_data_20m"]
 
