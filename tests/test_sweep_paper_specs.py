@@ -16,8 +16,8 @@ from jobs.sweep.plan import build_plan, write_plan
 from jobs.sweep.spec_file import load_spec
 from tests.sweep_support import SPECS
 
-# full_study lists the others as its parts (tests/test_sweep_study.py plans it)
-STUDIES = sorted(p.stem for p in SPECS.glob("*.yaml") if p.stem not in ("paper_base", "full_study"))
+# full_study lists the others as its parts (tests/test_sweep_study.py plans it); ladder.yaml holds the rungs
+STUDIES = sorted(p.stem for p in SPECS.glob("*.yaml") if p.stem not in ("paper_base", "full_study", "ladder"))
 PAPER_STUDIES = ["main_grid", "load_balancing", "generalist", "generalist_heterogeneous", "heterogeneous",
                  "dropless_vs_default", "lr_sweep", "more_data_10m", "more_data_20m"]
 

@@ -8,7 +8,7 @@
 
 Modules: ``spec`` (the typed spec, YAML loading), ``spec_check`` (its validation), ``designs`` (the
 top-k / expert-count rules that turn axes into expert sets), ``plan`` (budgets,
-run configs, the index), ``cost`` (GPU-hours per study), ``tomlw`` (a small TOML
+run configs, the index), ``equal_resources`` (that mode's budget and data arms), ``cost`` (GPU-hours per study), ``tomlw`` (a small TOML
 writer), ``launch``, ``collect``, ``plot`` (figures for one or every metric), ``plot_data`` (metrics, reduction to one value per design),
 ``plot_figures`` (captions, series), ``plot_families`` / ``plot_scales`` (the figure families per scale /
 across scales), ``plot_draw`` (rendering), ``cli``.

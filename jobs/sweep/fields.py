@@ -51,7 +51,7 @@ NUMBER_COLUMNS = [
     "dense_total_params", "flops_per_token", "dense_flops_per_token", "flops_ratio_vs_dense",
     "flop_ratio", "flop_matched",
     "seq_len", "global_batch_size", "steps", "warmup_steps",
-    "tokens_target", "tokens", "unique_tokens", "data_repeat",
+    "tokens_target", "tokens", "unique_tokens", "data_repeat", "data_arm",
     "train_flops", "gpu_hours", "mfu", "config",
 ]
 LABELS = {  # columns that are not schema fields

@@ -26,15 +26,11 @@ above ``FLOPS_TOLERANCE`` are reported by ``sweep plan`` (``spec.limits`` can ex
 Axes (``spec.axes``, run-config paths) are crossed with every design; ``moe.*`` axes
 only with MoE designs.  Each row carries the point's ``tier`` (``spec.tier``).
 
-Equal resources (matching: equal_resources; designs.py has the expert-count rule)::
-
-    dense:  tokens_dense as above; unique_tokens = tokens_dense; repeat 1
-    MoE:    steps = round(flops_per_token_dense x tokens_dense / (flops_per_token_moe x B))
-            (equal training FLOPs up to half a step), tokens = steps x B,
-            unique_tokens = tokens_dense (equal unique data),
-            repeat = tokens / unique_tokens epochs for every source in
-            [data].repeat, and [data].token_budget = tokens, so the loader
-            shrinks the unique pool to tokens / repeat = tokens_dense.
+Equal resources (matching: equal_resources; designs.py has the expert-count rule,
+equal_resources.py the budget): every MoE point trains for the dense run's
+training FLOPs, in each data arm of ``spec.equal_resources.data_arms`` -- "reuse"
+(the dense run's unique tokens, repeated) or "fresh" (the same tokens, all unique);
+the index's ``data_arm`` column names it.
 
 Invalid points (non-integral top-k or expert count, non-integral expert width,
 an expert count the target ``ep_degree`` does not divide, anything else the
@@ -60,7 +56,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from jobs.sweep import fields, tomlw
+from jobs.sweep import equal_resources, fields, tomlw
 from jobs.sweep.designs import Design, enumerate_designs, moe_section, structure_section
 from jobs.sweep.naming import axes_tag, axis_combinations, axis_tags, design_tag, run_tag
 from jobs.sweep.spec import ScaleSpec, SweepSpec
@@ -200,9 +196,9 @@ def build_plan(spec: SweepSpec, out_dir: str | Path, *, progress: bool = False) 
             if problem is not None:
                 plan.invalid.append(_invalid_row(tag + axes_tag(axes, tags), spec, scale, design, len(runs), problem))
                 continue
-            for m, lr, seed in runs:
-                budget = _moe_budget(spec, d, dense, dense_steps[m], m, batch_tokens)
-                name = tag + axes_tag(axes, tags) + run_tag(spec, m, lr, seed)
+            for (m, lr, seed), arm in product(runs, equal_resources.data_arms(spec)):
+                budget = _moe_budget(spec, d, dense, dense_steps[m], m, batch_tokens, arm)
+                name = tag + axes_tag(axes, tags) + run_tag(spec, m, lr, seed) + equal_resources.arm_tag(spec, arm)
                 plan.points.append(_point(spec, out_dir, name, scale, design, moe, axes, d, dense, budget,
                                           m, lr, seed))
 
@@ -237,20 +233,14 @@ def _ep_problem(design: Design, spec: SweepSpec) -> str | None:
 
 
 def _moe_budget(spec: SweepSpec, d: dict, dense: dict, dense_steps: int, multiple: float,
-                batch_tokens: int) -> dict[str, Any]:
+                batch_tokens: int, arm: str) -> dict[str, Any]:
     if spec.matching == "flop":
         target = _target(spec, dense if spec.budget.basis == "dense" else d, multiple)
         steps = _steps(target, batch_tokens)
         tokens = steps * batch_tokens
         return {"tokens_target": target, "steps": steps, "tokens": tokens, "unique_tokens": tokens, "repeat": 1.0}
-    # Equal resources: the dense run's training FLOPs and unique tokens.
-    dense_tokens = dense_steps * batch_tokens
-    dense_flops = dense["flops_per_token"] * dense_tokens
-    target = Fraction(dense_flops, d["flops_per_token"])
-    steps = max(1, round(target / batch_tokens))
-    tokens = steps * batch_tokens
-    return {"tokens_target": target, "steps": steps, "tokens": tokens, "unique_tokens": dense_tokens,
-            "repeat": tokens / dense_tokens}
+    return equal_resources.moe_budget(d["flops_per_token"], dense["flops_per_token"], dense_steps * batch_tokens,
+                                      batch_tokens, arm)
 
 
 def _invalid_row(name: str, spec: SweepSpec, scale: ScaleSpec, design: Design, skipped: int,
@@ -309,6 +299,7 @@ def _point(spec: SweepSpec, out_dir: Path, name: str, scale: ScaleSpec, design: 
         "warmup_steps": warmup,
         "tokens_target": math.ceil(budget["tokens_target"]), "tokens": tokens,
         "unique_tokens": budget["unique_tokens"], "data_repeat": budget["repeat"],
+        "data_arm": budget.get("data_arm", ""),
         "train_flops": train_flops, "gpu_hours": _gpu_hours(spec, train_flops), "mfu": spec.cluster.mfu,
         "config": f"points/{name}/{CONFIG_NAME}",
     }
@@ -345,9 +336,7 @@ def _run_config(spec: SweepSpec, point_dir: Path, name: str, scale: ScaleSpec, m
     doc["metrics"] = {"save_tb_folder": "tb", **run.pop("metrics", {}), "enable_tensorboard": True}
     data = run.pop("data", {})
     if spec.matching == "equal_resources":
-        data["token_budget"] = budget["tokens"]
-        if design is not None:
-            data["repeat"] = {source: budget["repeat"] for source in spec.equal_resources.sources}
+        data.update(equal_resources.data_keys(spec, budget, design is not None))
     if data:
         doc["data"] = data
     debug = run.pop("debug", {})

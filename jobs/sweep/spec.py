@@ -93,6 +93,9 @@ CAPACITY_POLICIES = ("priority", "megablocks")
 BUDGET_PARAMS = ("non_embedding_active", "active")
 # OLMoE-mix-0924's sources: the default list the equal-resources mode repeats.
 OLMOE_SOURCES = ("dclm", "starcoder", "pes2o", "arxiv", "open-web-math", "algebraic-stack", "wiki")
+# Where an equal-resources MoE's extra tokens come from (``jobs.sweep.equal_resources``): the
+# dense run's unique tokens repeated ("reuse", equal data), or all unique ("fresh").
+DATA_ARMS = ("reuse", "fresh")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 # Run-config keys the planner writes itself: a spec that sets them would be silently overruled.
@@ -207,6 +210,8 @@ class LimitsSpec:
 class EqualResourcesSpec:
     sources: list[str] = field(default_factory=lambda: list(OLMOE_SOURCES))
     """Data sources the MoE repeats (``[data].repeat`` needs their names)."""
+    data_arms: list[str] = field(default_factory=lambda: ["reuse"])
+    """``DATA_ARMS`` to plan every MoE design in (the first is the reference value)."""
 
 
 @dataclass

@@ -13,6 +13,7 @@ from jobs.sweep.spec import (
     BUDGET_BASES,
     BUDGET_PARAMS,
     CAPACITY_POLICIES,
+    DATA_ARMS,
     MATCHING_MODES,
     NAME_PATTERN,
     PLANNER_OWNED,
@@ -78,7 +79,7 @@ def parse_spec(doc: dict[str, Any]) -> SweepSpec:
         run=run,
         learning_rates=_parse_lrs(doc.get("learning_rates", [4e-4]), "spec.learning_rates"),
         seeds=_parse_seeds(doc.get("seeds", [0])),
-        equal_resources=_parse_equal(mapping(doc.get("equal_resources"), "spec.equal_resources")),
+        equal_resources=_parse_equal(mapping(doc.get("equal_resources"), "spec.equal_resources"), matching),
         axes=parse_axes(doc.get("axes"), axes, run),
         limits=_parse_limits(mapping(doc.get("limits"), "spec.limits")),
         tier=integer(doc.get("tier", 1), "spec.tier", minimum=1),
@@ -330,9 +331,20 @@ def _parse_seeds(value: Any) -> list[int]:
     return seeds
 
 
-def _parse_equal(section: dict[str, Any]) -> EqualResourcesSpec:
-    no_unknown(section, {"sources"}, "spec.equal_resources")
+def _parse_equal(section: dict[str, Any], matching: str) -> EqualResourcesSpec:
+    no_unknown(section, {"sources", "data_arms"}, "spec.equal_resources")
     e = EqualResourcesSpec()
+    if "data_arms" in section:
+        if matching != "equal_resources":
+            raise ConfigError("spec.equal_resources.data_arms",
+                              "only applies to matching: equal_resources (other studies never repeat data)")
+        arms = as_list(section["data_arms"], "spec.equal_resources.data_arms")
+        for i, arm in enumerate(arms):
+            if arm not in DATA_ARMS:
+                raise ConfigError(f"spec.equal_resources.data_arms[{i}]",
+                                  f"{arm!r} is not a data arm; choose from {', '.join(DATA_ARMS)}")
+        distinct(arms, "spec.equal_resources.data_arms")
+        e.data_arms = arms
     if "sources" in section:
         sources = as_list(section["sources"], "spec.equal_resources.sources")
         for i, s in enumerate(sources):
