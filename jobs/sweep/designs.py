@@ -76,6 +76,14 @@ class Design:
     def sparsity_label(self) -> str:
         return "+".join(ff(r.sparsity) for r in self.requests)
 
+    @property
+    def sparsity(self) -> Fraction:
+        """Expert parameters over active expert parameters, sum n_i g_i / sum k_i g_i (the
+        generalist left out): a homogeneous design's s, a heterogeneous one's overall s."""
+        assert self.sets, "a resolved (valid) design"
+        return (sum(s.num_experts * s.granularity for s in self.sets)
+                / sum(s.top_k * s.granularity for s in self.sets))
+
 
 def _shares(requests: list[SetRequest], generalist: Fraction, what: str) -> list[Fraction]:
     budget = 1 - generalist

@@ -186,7 +186,7 @@ def build_plan(spec: SweepSpec, out_dir: str | Path, *, progress: bool = False) 
                 reason = str(exc)
         if reason is None and spec.matching == "flop" and not d["flop_matched"]:
             reason = f"not FLOP-matched: sum k*g + g_gen = {d['flop_ratio']}"  # the model should have refused
-        reason = reason or _limit_problem(spec, d, dense)
+        reason = reason or _limit_problem(spec, scale, design, d, dense)
         if reason is not None:
             plan.invalid.append(_invalid_row(tag, spec, scale, design, len(runs) * len(moe_combos), reason))
             continue
@@ -209,8 +209,13 @@ def build_plan(spec: SweepSpec, out_dir: str | Path, *, progress: bool = False) 
     return plan
 
 
-def _limit_problem(spec: SweepSpec, d: dict, dense: dict) -> str | None:
-    """Why a valid design is beyond what the study may run (``spec.limits``), or None."""
+def _limit_problem(spec: SweepSpec, scale: ScaleSpec, design: Design, d: dict, dense: dict) -> str | None:
+    """Why a valid design is beyond what the study may run (the scale's ``max_sparsity``,
+    ``spec.limits``), or None."""
+    if scale.max_sparsity is not None:
+        if design.sparsity > scale.max_sparsity:
+            return (f"sparsity {ff(design.sparsity)} exceeds scale {scale.name}'s max_sparsity "
+                    f"{ff(scale.max_sparsity)} (the ladder rung's bound: its anchor on total params)")
     limits = spec.limits
     if limits.max_total_params is not None and d["total_params"] > limits.max_total_params:
         return (f"total params {d['total_params']:,} exceed spec.limits.max_total_params "
@@ -264,8 +269,6 @@ def _point(spec: SweepSpec, out_dir: Path, name: str, scale: ScaleSpec, design: 
     train_flops = d["flops_per_token"] * tokens
     config = _run_config(spec, point_dir, name, scale, moe, axes, ep, steps, warmup, lr, seed, budget, design)
     sets = design.sets if design else []
-    expert_total = sum(s.num_experts * s.granularity for s in sets)
-    expert_active = sum(s.top_k * s.granularity for s in sets)
     row = {
         "name": name, "spec": spec.name, "tier": spec.tier, "matching": spec.matching, "scale": scale.name,
         "kind": "moe" if design else "dense",
@@ -273,7 +276,7 @@ def _point(spec: SweepSpec, out_dir: Path, name: str, scale: ScaleSpec, design: 
         "granularity": design.granularity_label if design else "",
         "sparsity": design.sparsity_label if design else "",
         "granularity_value": float(design.requests[0].granularity) if design and not design.heterogeneous else None,
-        "sparsity_value": float(expert_total / expert_active) if design else None,
+        "sparsity_value": float(design.sparsity) if design else None,
         "num_sets": len(sets),
         "num_experts": sum(s.num_experts for s in sets) if design else None,
         "top_k": sum(s.top_k for s in sets) if design else None,

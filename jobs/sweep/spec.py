@@ -157,6 +157,10 @@ class ScaleSpec:
     arch: dict[str, Any]
     learning_rates: list[float] | None = None
     """Overrides spec.learning_rates for this scale."""
+    max_sparsity: Fraction | None = None
+    """The largest design sparsity (expert params / active expert params) planned at this scale;
+    beyond it a design is listed in invalid.csv.  A ladder rung's bound travels with the rung:
+    it is where the rung's anchor binds (a50m: the paper's "50M-930M" total at s = 128)."""
 
 
 @dataclass

@@ -190,7 +190,9 @@ def _parse_shape(raw: dict[str, Any], where: str, seq_len: int, known: set[str])
     except ConfigError as exc:
         raise ConfigError(f"{where}.{exc.field}", str(exc).split(": ", 1)[1]) from None
     lrs = raw.get("learning_rates")
-    return ScaleSpec(name, arch, None if lrs is None else _parse_lrs(lrs, f"{where}.learning_rates"))
+    max_s = raw.get("max_sparsity")
+    return ScaleSpec(name, arch, None if lrs is None else _parse_lrs(lrs, f"{where}.learning_rates"),
+                     None if max_s is None else check_sparsity(max_s, f"{where}.max_sparsity"))
 
 
 def _parse_ladder(value: Any, seq_len: int) -> dict[str, ScaleSpec]:
@@ -200,7 +202,8 @@ def _parse_ladder(value: Any, seq_len: int) -> dict[str, ScaleSpec]:
     if not isinstance(value, list):
         raise ConfigError("spec.ladder", "must list named shapes like {name: a50m, arch: {dim: 384, ...}}")
     rungs = [_parse_shape(mapping(raw, f"spec.ladder[{i}]"), f"spec.ladder[{i}]", seq_len,
-                          {"name", "arch", "learning_rates", "description"}) for i, raw in enumerate(value)]
+                          {"name", "arch", "learning_rates", "max_sparsity", "description"})
+             for i, raw in enumerate(value)]
     distinct([r.name for r in rungs], "spec.ladder[*].name")
     return {r.name: r for r in rungs}
 
@@ -219,7 +222,7 @@ def _parse_scales(value: Any, seq_len: int, ladder: dict[str, ScaleSpec]) -> lis
         if raw.get("name") in ladder:
             raise ConfigError(f"{where}.arch", f"redefines the ladder rung {raw['name']!r}; write its name "
                               f"({raw['name']}) instead of a shape, or give the shape another name")
-        scales.append(_parse_shape(raw, where, seq_len, {"name", "arch", "learning_rates"}))
+        scales.append(_parse_shape(raw, where, seq_len, {"name", "arch", "learning_rates", "max_sparsity"}))
     distinct([s.name for s in scales], "spec.scales[*].name")
     return scales
 
@@ -237,7 +240,7 @@ def _rung(raw: Any, where: str, ladder: dict[str, ScaleSpec]) -> ScaleSpec:
         raise ConfigError(where, f"{name!r} is not a ladder rung; rungs: {rungs}")
     rung = ladder[name]
     lrs = rung.learning_rates if lrs is None else _parse_lrs(lrs, f"{where}.learning_rates")
-    return ScaleSpec(rung.name, copy.deepcopy(rung.arch), lrs)
+    return ScaleSpec(rung.name, copy.deepcopy(rung.arch), lrs, rung.max_sparsity)
 
 
 def _parse_design(section: dict[str, Any]) -> DesignSpec:
