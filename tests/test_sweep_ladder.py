@@ -111,3 +111,23 @@ def test_main_actives_are_spaced_geometrically():
     actives = [counts(n)["active_params"] for n in MAIN]
     steps = [b / a for a, b in zip(actives, actives[1:])]
     assert all(1.25 <= s <= 1.35 for s in steps), steps
+
+
+def test_each_rung_carries_its_max_sparsity_and_the_planner_lists_designs_beyond_it(tmp_path):
+    """The bound travels with the ladder: a study that asks for s = 256 at a main rung gets it in
+    invalid.csv with the reason, whatever its own grid says."""
+    from jobs.sweep.plan import build_plan
+    from jobs.sweep.spec_file import load_spec
+
+    doc = yaml.safe_load((SPECS / "ladder.yaml").read_text())
+    assert {r["name"]: r["max_sparsity"] for r in doc["ladder"]} == MAX_SPARSITY
+    spec = load_spec(SPECS / "main_grid.yaml", ["scales=[a50m, a10m]", "moe.granularities=[1/4]",
+                                                 "moe.sparsities=[32, 64, 128, 256]"])
+    plan = build_plan(spec, tmp_path)
+    planned = {(p.row["scale"], p.row["sparsity"]) for p in plan.points if p.row["kind"] == "moe"}
+    assert planned == {("a50m", "32"), ("a50m", "64"), ("a50m", "128"), ("a10m", "32")}
+    assert {r["name"]: r["reason"] for r in plan.invalid} == {
+        "a50m_g1-4_s256": "sparsity 256 exceeds scale a50m's max_sparsity 128 (the ladder rung's bound: "
+                          "its anchor on total params)",
+        **{f"a10m_g1-4_s{s}": f"sparsity {s} exceeds scale a10m's max_sparsity 32 (the ladder rung's bound: "
+                              "its anchor on total params)" for s in (64, 128, 256)}}

@@ -122,19 +122,28 @@ def test_full_study_plans_over_2000_valid_points_each_with_a_tier(full):
     assert len(rows) >= 2000
     assert all(isinstance(r["tier"], int) and 1 <= r["tier"] <= 6 for r in rows)
     assert len({json.dumps(p.config | {"job": {}}, sort_keys=True) for p in full.points}) == len(rows)  # no duplicate runs
-    # the crossing: g 1..1/64 x s 1..256 x aux {1e-2, 1e-4} x gamma {0, 1e-3} x {dropless, megablocks} at 5 scales
-    main = {"a50m", "a66m", "a91m", "a119m", "a159m"}
+    # the crossing: g 1..1/64 x s 1..128 x aux {1e-2, 1e-4} x gamma {0, 1e-3} x {dropless, megablocks} at 5 scales
+    main = {"a50m", "a64m", "a82m", "a108m", "a140m"}
     crossing = defaultdict(set)
     for r in rows:
         if r["kind"] == "moe" and not r["heterogeneous"] and r["generalist_granularity"] == "0" and r["scale"] in main:
             crossing[r["scale"]].add((r["granularity"], r["sparsity"], r["aux_loss_weight"], r["bias_update_rate"],
                                       r["routing"], r["capacity_policy"]))
     assert set(crossing) == main
-    # a159m loses the designs above 6.6B total (listed invalid), every other scale has all 63 x 8
-    assert all(len(crossing[s]) == 63 * 8 for s in main - {"a159m"})
-    big = [r for r in full.invalid if "max_total_params" in r["reason"]]
-    assert len(crossing["a159m"]) + 8 * len({(r["granularity"], r["sparsity"]) for r in big}) == 63 * 8
-    assert all(r["total_params"] <= 6.65e9 for r in rows)
+    # 7 granularities x 8 sparsities x 2 x 2 x 2 at every main scale: 448, 2,240 in all
+    assert all(len(crossing[s]) == 7 * 8 * 8 for s in main)
+    assert sum(len(c) for c in crossing.values()) == 2240
+    assert {g for c in crossing.values() for g, *_ in c} == {"1", "1/2", "1/4", "1/8", "1/16", "1/32", "1/64"}
+    assert {s for c in crossing.values() for _, s, *_ in c} == {str(2 ** j) for j in range(8)}  # s stops at 128
+    # by tier: the grid at the reference setting + dense (tier 1), the rest of the crossing (tier 6)
+    tiers = defaultdict(int)
+    for r in rows:
+        tiers[r["tier"]] += 1
+    assert tiers[1] == 7 * 8 * 5 + 5 and tiers[6] == 7 * 8 * (8 - 1) * 5
+    # the only invalid designs: a half-size set next to the g_gen = 1/2 generalist (top-k 1/2) at each scale
+    assert sorted(r["scale"] for r in full.invalid) == sorted(main)
+    assert all("is not a positive integer" in r["reason"] for r in full.invalid)
+    assert all(r["total_params"] <= 6.6e9 for r in rows)
     # the side studies at every main scale; the appendix at 10M and 20M active with two budgets each
     for spec in ("generalist", "heterogeneous", "generalist_heterogeneous", "load_balancing"):
         assert {r["scale"] for r in rows if r["spec"] == spec} == main, spec
@@ -155,7 +164,7 @@ def test_max_tier_1_is_the_headline_grid_a_strict_subset(full, tmp_path, capsys)
         planned = [r for r in csv.DictReader(f)]
     assert {r["name"] for r in planned} == tier1 and tier1 < {p.name for p in full.points}
     assert {r["tier"] for r in planned} == {"1"}
-    assert len(planned) == 315 + 5  # the 63-design grid at five scales + the dense baselines
+    assert len(planned) == 7 * 8 * 5 + 5  # the 56-design grid (g 1..1/64 x s 1..128) at five scales + dense
     assert "(tiers <= 1)" in printed
     # GPU-hours per tier and cumulative: the tiers add up to the whole study
     tiers = tier_rows(full)
