@@ -218,3 +218,24 @@ def test_figures_without_data_are_skipped_with_a_note(tmp_path, capsys):
     assert not (tmp_path / "none").exists()
     assert cli.main(["plot", str(tmp_path)]) == 2  # no results.csv
     assert "run `titan-moe sweep collect" in capsys.readouterr().err
+
+
+def test_every_planned_column_is_classified_for_the_figures():
+    """The figures know every index column: run identity, design, derived number, or a setting held at
+    its reference (the [moe] fields, swept paths, the run's data and batch)."""
+    from jobs.sweep import fields
+    from jobs.sweep.plot_data import DERIVED_COLUMNS, DESIGN_COLUMNS, ROUTING_COLUMNS, RUN_COLUMNS, Table
+
+    columns = fields.index_columns(["optimizer.weight_decay"])
+    table = Table([], columns)
+    settings = set(table.settings) - {"routing_label"}
+    moe_knobs = set(fields.moe_columns()) - ROUTING_COLUMNS
+    assert settings == moe_knobs | {"generalist_granularity", "token_multiple", "optimizer.weight_decay",
+                                    "seq_len", "global_batch_size", "data_arm"}
+    assert {"renormalize", "z_loss_normalization", "expert_impl"} <= settings
+    assert {"tier", "name", "config"} <= RUN_COLUMNS
+    assert {"spec", "dense_flops_per_token", "flops_ratio_vs_dense", "ep_degree", "train_flops"} <= DERIVED_COLUMNS
+    assert not (RUN_COLUMNS | DESIGN_COLUMNS) & DERIVED_COLUMNS
+    # one labelling function: the schema's, metrics included
+    assert fields.axis_label("paloma_c4_en_ce") == "Paloma c4_en CE (nats/token)"
+    assert fields.axis_label("bias_update_rate") == "bias update rate: Loss-free balancing step size gamma"

@@ -135,11 +135,20 @@ def test_full_study_plans_over_2000_valid_points_each_with_a_tier(full):
     assert sum(len(c) for c in crossing.values()) == 2240
     assert {g for c in crossing.values() for g, *_ in c} == {"1", "1/2", "1/4", "1/8", "1/16", "1/32", "1/64"}
     assert {s for c in crossing.values() for _, s, *_ in c} == {str(2 ** j) for j in range(8)}  # s stops at 128
-    # by tier: the grid at the reference setting + dense (tier 1), the rest of the crossing (tier 6)
+    # by tier: the grid at the reference setting + dense (tier 1); tier 4 the load-balancing study's three
+    # other settings at 2 designs and dropless_vs_default's capacity arm at 3 granularities, 5 scales each;
+    # tier 6 the rest of the crossing (7 x 8 designs x 7 non-reference settings x 5 scales, less tier 4's)
     tiers = defaultdict(int)
     for r in rows:
         tiers[r["tier"]] += 1
-    assert tiers[1] == 7 * 8 * 5 + 5 and tiers[6] == 7 * 8 * (8 - 1) * 5
+    assert tiers[1] == 7 * 8 * 5 + 5
+    assert tiers[4] == 2 * 3 * 5 + 3 * 5
+    assert tiers[6] == 7 * 8 * 7 * 5 - tiers[4]
+    # every part runs at EP 1, so a design two parts share is one run (not one per EP degree)
+    assert {r["ep_degree"] for r in rows} == {1}
+    design = [(r["scale"], r["expert_sets"], r["generalist_granularity"], r["routing"], r["capacity_policy"],
+               r["aux_loss_weight"], r["bias_update_rate"], r["lr"], r["token_multiple"], r["seed"]) for r in rows]
+    assert len(set(design)) == len(design)
     # the only invalid designs: a half-size set next to the g_gen = 1/2 generalist (top-k 1/2) at each scale
     assert sorted(r["scale"] for r in full.invalid) == sorted(main)
     assert all("is not a positive integer" in r["reason"] for r in full.invalid)
@@ -151,7 +160,10 @@ def test_full_study_plans_over_2000_valid_points_each_with_a_tier(full):
     assert all((s, g) in gens for s in main for g in ("1/2", "1/4", "1/8"))
     for scale in ("a10m", "a20m"):
         assert len({r["tokens"] for r in rows if r["scale"] == scale and r["kind"] == "dense"}) == 2
-    assert {r["lr"] for r in rows if r["spec"] == "lr_sweep"} == {1e-4, 4e-4, 1e-3, 4e-3, 1e-2}
+    # the lr sweep's designs at lr 1e-3 (paper_base's) are main-grid points, planned once at tier 1
+    swept = {r["name"].rsplit("_lr", 1)[0] for r in rows if r["spec"] == "lr_sweep"}
+    assert {r["lr"] for r in rows if r["spec"] == "lr_sweep"} == {1e-4, 4e-4, 4e-3, 1e-2}
+    assert {r["name"] for r in rows if r["spec"] == "main_grid" and r["name"] in swept} == swept
 
 
 def test_max_tier_1_is_the_headline_grid_a_strict_subset(full, tmp_path, capsys):

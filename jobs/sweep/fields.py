@@ -54,6 +54,9 @@ NUMBER_COLUMNS = [
     "tokens_target", "tokens", "unique_tokens", "data_repeat", "data_arm",
     "train_flops", "gpu_hours", "mfu", "config",
 ]
+# A point whose true FLOPs per token (``flops_ratio_vs_dense``) exceed its dense baseline's by more
+# is listed by ``sweep plan`` and drawn hollow by ``sweep plot``.
+FLOPS_TOLERANCE = 1.05
 LABELS = {  # columns that are not schema fields
     "granularity": "granularity g (expert hidden / dense d_ff)",
     "granularity_value": "granularity g (expert hidden / dense d_ff)",
@@ -73,6 +76,16 @@ LABELS = {  # columns that are not schema fields
     "flop_ratio": "sum k_i g_i + g_gen (the paper's matching rule)",
     "gpu_hours": "GPU-hours (estimate)",
     "tier": "tier (1 = the headline figures' runs)",
+    "dense_flops_per_token": "dense baseline's training FLOPs per token",
+    "data_arm": "data arm (reuse: the dense run's unique tokens repeated; fresh: all unique)",
+    # result columns (``sweep collect``): the metrics the figures draw
+    "train_loss": "LM loss (train CE, mean of the last 50 steps)",
+    "val_loss": "validation loss (token-weighted CE)",
+    "paloma_macro_ce": "Paloma macro-averaged CE (nats/token)",
+    "paloma_macro_bits_per_byte": "Paloma macro-averaged bits/byte",
+    "moe_load_imbalance": "load imbalance (max / mean expert load)",
+    "moe_aux_loss": "LB loss (unweighted aux loss)",
+    "moe_dropped_fraction": "dropped token-slots (fraction)",
 }
 
 
@@ -279,6 +292,8 @@ def axis_label(column: str) -> str:
     first sentence when that is short (``bias update rate: Loss-free balancing step size gamma``)."""
     if column in LABELS:
         return LABELS[column]
+    if column.startswith("paloma_") and column.endswith("_ce"):  # one Paloma subset's CE (collect's column)
+        return f"Paloma {column[len('paloma_'):-len('_ce')]} CE (nats/token)"
     path = _column_path(column)
     words = column.replace(".", " ").replace("_", " ")
     if path is None:

@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 from jobs.sweep import equal_resources, fields, tomlw
 from jobs.sweep.designs import Design, enumerate_designs, moe_section, structure_section
+from jobs.sweep.fields import FLOPS_TOLERANCE
 from jobs.sweep.naming import axes_tag, axis_combinations, axis_tags, design_tag, run_tag
 from jobs.sweep.spec import ScaleSpec, SweepSpec
 from titan_moe.errors import ConfigError
@@ -75,8 +76,6 @@ DONE_MARKER = ".done"
 COLUMNS = fields.index_columns()
 INVALID_COLUMNS = ["name", "spec", "tier", "scale", "granularity", "sparsity", "generalist_granularity", "routing",
                    "points_skipped", "reason"]
-# ``sweep plan`` lists the points whose true FLOPs per token exceed the dense baseline's by more.
-FLOPS_TOLERANCE = 1.05
 
 
 @dataclass

@@ -24,64 +24,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.sweep import fields
 from jobs.sweep.collect import BOOKKEEPING_COLUMNS, EXTRA_TAGS, HEALTH_PREFIX
+from jobs.sweep.fields import FLOPS_TOLERANCE, axis_label
 from titan_moe.errors import ConfigError
 
 # Columns that hold text even when a cell happens to parse as a number (granularity "1", sparsity "2").
 TEXT_COLUMNS = {"name", "spec", "matching", "scale", "kind", "heterogeneous", "granularity", "sparsity",
                 "expert_sets", "set_shares", "generalist_granularity", "routing", "capacity_policy", "config",
-                "status", "train_loss_tag", "val_loss_tag", "flop_matched", "data_arm"}
+                "status", "train_loss_tag", "val_loss_tag", "flop_matched", "data_arm", "z_loss_normalization",
+                "expert_impl"}
+# How the planned columns (``fields.index_columns``: the schema's) split for the figures.  Every
+# column not in these three sets is a *setting*: the [moe] fields, the swept run-config paths
+# (``optimizer.weight_decay``), generalist_granularity, token_multiple, data_arm, seq_len and
+# global_batch_size -- a figure about one axis holds each of them at its reference value.
 # A run's identity beyond its configuration: reduced over (seed, lr) or bookkeeping.
 RUN_COLUMNS = {"name", "config", "seed", "lr", "tier", "status"}
 # The design itself: the axes the figures draw.
 DESIGN_COLUMNS = {"scale", "kind", "heterogeneous", "granularity", "sparsity", "granularity_value",
                   "sparsity_value", "num_sets", "num_experts", "top_k", "expert_sets", "set_shares"}
-# Numbers that follow from the design and the spec (they vary with the design, so they are never held fixed).
-DERIVED_COLUMNS = {"spec", "matching", "total_params", "active_params", "embedding_params",
-                   "non_embedding_active_params", "dense_total_params", "flops_per_token", "flop_ratio",
-                   "flop_matched", "flops_ratio_vs_dense", "steps", "warmup_steps", "tokens_target", "tokens",
-                   "unique_tokens", "data_repeat", "train_flops", "gpu_hours", "mfu", "ep_degree"}
+# Numbers that follow from the design and the spec (they vary with the design, so they are never held
+# fixed): the planner's numbers, less the run settings among them, and ``spec`` (the study part),
+# ``matching`` and ``ep_degree`` (how a run is laid out, not what it computes).
+_RUN_SETTINGS = {"seq_len", "global_batch_size", "data_arm"}
+DERIVED_COLUMNS = {"spec", "matching", "ep_degree",
+                   *(c for c in fields.NUMBER_COLUMNS if c not in _RUN_SETTINGS and c not in RUN_COLUMNS)}
 # Routing is one axis in the figures: mode + capacity factor + policy.
 ROUTING_COLUMNS = {"routing", "capacity_factor", "capacity_policy"}
 
-FLOPS_COLUMN = "flops_ratio_vs_dense"
-FLOPS_TOLERANCE = 1.05
-"""Points whose true FLOPs/token exceed their dense baseline's by more than this are drawn hollow."""
+FLOPS_COLUMN = "flops_ratio_vs_dense"  # points above FLOPS_TOLERANCE are drawn hollow
 
 LM_METRICS = ("paloma_macro_ce", "val_loss", "train_loss")
 """``auto``'s order of preference: the paper's metric first."""
 
-_LABELS = {
-    "train_loss": "LM loss (train CE, mean of the last 50 steps)",
-    "val_loss": "validation loss (token-weighted CE)",
-    "paloma_macro_ce": "Paloma macro-averaged CE (nats/token)",
-    "paloma_macro_bits_per_byte": "Paloma macro-averaged bits/byte",
-    "moe_load_imbalance": "load imbalance (max / mean expert load)",
-    "moe_aux_loss": "LB loss (unweighted aux loss)",
-    "moe_dropped_fraction": "dropped token-slots (fraction)",
-    "lr": "learning rate",
-    "granularity_value": "granularity g (expert hidden = g x dense d_ff)",
-    "sparsity_value": "sparsity (total / active expert parameters)",
-    "num_experts": "total experts per MoE layer n",
-    "top_k": "active experts per token k",
-    "active_params": "active parameters",
-    "total_params": "total parameters",
-    "bias_update_rate": "loss-free bias rate γ",
-    "aux_loss_weight": "aux-loss weight α",
-    "token_multiple": "token budget multiple",
-    FLOPS_COLUMN: "FLOPs/token over the dense baseline's",
-}
 # Name parts of a metric where higher is better (accuracies); every other metric is a loss.
 _HIGHER_IS_BETTER = {"acc", "accuracy", "len", "norm", "f1", "soft", "em", "exact", "correct", "pmi"}
-
-
-def _axis_label(column: str) -> str:
-    """The one place an axis or metric label comes from (later: the run-config schema's)."""
-    if column in _LABELS:
-        return _LABELS[column]
-    if column.startswith("paloma_") and column.endswith("_ce"):
-        return f"Paloma {column[len('paloma_'):-len('_ce')]} CE (nats/token)"
-    return column.replace("_", " ")
 
 
 def higher_is_better(metric: str) -> bool:
@@ -90,7 +67,7 @@ def higher_is_better(metric: str) -> bool:
 
 
 def metric_label(metric: str) -> str:
-    return _axis_label(metric) + (" (higher is better)" if higher_is_better(metric) else "")
+    return axis_label(metric) + (" (higher is better)" if higher_is_better(metric) else "")
 
 
 def _number(text: Any) -> float | None:

@@ -11,13 +11,14 @@ from collections import defaultdict
 from fractions import Fraction
 from typing import Any
 
-from jobs.sweep.plot_data import _axis_label, at_reference, flagged
+from jobs.sweep.fields import axis_label
+from jobs.sweep.plot_data import at_reference, flagged
 from jobs.sweep.plot_draw import Panel
 from jobs.sweep.plot_figures import Figures, dense_line, fixed, panel, tokens_label
 
-GX = _axis_label("granularity_value")
-SX = _axis_label("sparsity_value")
-NX = _axis_label("num_experts")
+GX = axis_label("granularity_value")
+SX = axis_label("sparsity_value")
+NX = axis_label("num_experts")
 # Setting axes a named family draws; any other swept setting gets the generic loss_vs_<axis> figure.
 NAMED_SETTINGS = {"generalist_granularity", "routing_label", "aux_loss_weight", "bias_update_rate", "token_multiple",
                   "data_arm"}
@@ -92,8 +93,8 @@ def load_balancing(f: Figures, d: ScaleData) -> None:
         return
     panels = []
     for column, title, ylabel in (("value", f.noun, f.ylabel),
-                                  ("moe_load_imbalance", "load imbalance", _axis_label("moe_load_imbalance")),
-                                  ("moe_aux_loss", "LB loss", _axis_label("moe_aux_loss"))):
+                                  ("moe_load_imbalance", "load imbalance", axis_label("moe_load_imbalance")),
+                                  ("moe_aux_loss", "LB loss", axis_label("moe_aux_loss"))):
         series: dict[str, list[tuple[float, float]]] = {}
         over: dict[str, list[float]] = {}
         for alpha, gamma in settings:
@@ -137,7 +138,7 @@ def routing(f: Figures, d: ScaleData) -> None:
     main.dashed = {name for name in main.series if not name.startswith("dropless")}
     panels = [main]
     dropping = [r for r in rows if r.get("routing") == "capacity"]
-    dropped = panel("dropped token-slots", GX, _axis_label("moe_dropped_fraction"), dropping, label,
+    dropped = panel("dropped token-slots", GX, axis_label("moe_dropped_fraction"), dropping, label,
                     "moe_dropped_fraction", xfractions=True)
     if dropped.series:
         panels.append(dropped)
@@ -259,10 +260,10 @@ def other_settings(f: Figures, d: ScaleData, settings: list[str]) -> None:
             continue
         log = all(v > 0 for v in values)
         f.add(f"loss_vs_{axis}_{d.scale}",
-              [panel(f"{f.noun} vs {_axis_label(axis)} ({d.scale})", _axis_label(axis), f.ylabel, rows,
+              [panel(f"{f.noun} vs {axis_label(axis)} ({d.scale})", axis_label(axis), f.ylabel, rows,
                      lambda r, a=axis: (r[a], f"g {r['granularity']}, s {r['sparsity']}"),
                      xscale="log2" if log else "category", reference_lines=d.dense)],
-              f"{f.noun.capitalize()} vs {_axis_label(axis)}, one line per design", d.fixed((axis,)))
+              f"{f.noun.capitalize()} vs {axis_label(axis)}, one line per design", d.fixed((axis,)))
 
 
 def scale_figures(f: Figures, d: ScaleData, settings: list[str], equal: bool) -> None:

@@ -15,7 +15,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from jobs.sweep.plot_data import _axis_label, flagged, higher_is_better, metric_label
+from jobs.sweep.fields import axis_label
+from jobs.sweep.plot_data import flagged, higher_is_better, metric_label
 from jobs.sweep.plot_draw import Panel, draw
 
 KeyFn = Callable[[dict[str, Any]], "tuple[float, str] | None"]
@@ -106,7 +107,7 @@ def fixed(refs: dict[str, Any], shown: set[str], free: tuple[str, ...] = ()) -> 
     for axis, value in refs.items():
         if axis in free or axis not in shown or value in (None, ""):
             continue
-        name = _SETTING_NAMES.get(axis) or _axis_label(axis)
+        name = _SETTING_NAMES.get(axis) or axis_label(axis)
         parts.append(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}")
     return "other axes at the spec's first values: " + ", ".join(parts) if parts else "no other axes vary"
 

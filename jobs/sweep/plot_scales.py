@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.sweep.plot_data import _axis_label, at_reference, flagged, higher_is_better
+from jobs.sweep.fields import axis_label
+from jobs.sweep.plot_data import at_reference, flagged, higher_is_better
 from jobs.sweep.plot_draw import Panel, params_label
 from jobs.sweep.plot_families import ScaleData
 from jobs.sweep.plot_figures import Figures, panel
@@ -34,9 +35,9 @@ def best_granularity_vs_scale(f: Figures, scales: list[ScaleData]) -> None:
         f.notes.append("a single active scale; skipped best_granularity_vs_scale")
         return
     pick = max if higher_is_better(f.metric) else min
-    left = Panel("best granularity vs active parameters", _axis_label("active_params"), "best granularity g", {},
+    left = Panel("best granularity vs active parameters", axis_label("active_params"), "best granularity g", {},
                  yscale="log2", yfractions=True, xparams=True)
-    right = Panel("best granularity vs total parameters", _axis_label("total_params"), "best granularity g", {},
+    right = Panel("best granularity vs total parameters", axis_label("total_params"), "best granularity g", {},
                   yscale="log2", yfractions=True, xparams=True)
     for d in scales:
         active = active_size(d)
@@ -81,7 +82,7 @@ def loss_vs_lr(f: Figures, scales: list[ScaleData], per_lr: list[dict[str, Any]]
         def design(r: dict[str, Any]) -> tuple[float, str]:
             return r["lr"], "dense" if r["kind"] == "dense" else f"g {r['granularity']}, s {r['sparsity']}"
 
-        panels.append(panel(f"{f.noun} vs learning rate ({d.scale})", _axis_label("lr"), f.ylabel, rows, design))
+        panels.append(panel(f"{f.noun} vs learning rate ({d.scale})", axis_label("lr"), f.ylabel, rows, design))
     if not panels:
         f.notes.append("a single learning rate per design; skipped loss_vs_lr")
         return
