@@ -292,8 +292,12 @@ def collect_and_plot(paths: DemoPaths, points: list[dict]) -> tuple[list[dict], 
     _, _, rows = write_results(paths.sweep)
     figures: list[Path] = []
     plots = paths.sweep / "plots"
-    heldout_plots = plots / "synthetic_heldout_ce"  # eval names the metric "Paloma"; the data is synthetic
-    for argv in (["plot", str(paths.sweep)],
+    # The demo trains without a validation set, so its LM figures are the training loss, named: left
+    # to ``auto``, plot would pick paloma_macro_ce (eval results exist), but the demo's held-out set is
+    # synthetic text the eval files under "paloma".  Its held-out CE (what demo_reading compares first)
+    # gets its own folder, named for what it is.
+    heldout_plots = plots / "synthetic_heldout_ce"
+    for argv in (["plot", str(paths.sweep), "--metric", "train_loss"],
                  ["plot", str(paths.sweep), "--metric", "paloma_macro_ce", "--out", str(heldout_plots)]):
         print(f"    $ titan-moe sweep {' '.join(argv)}")
         if sweep_main(argv) != 0:
