@@ -43,7 +43,9 @@ not study an axis show the points at its reference value.
 
 Scales by name.  A spec (usually a shared base such as ``paper_base.yaml``, or the
 ``ladder.yaml`` it extends) may hold a ``ladder:`` of named shapes, ``{name, arch,
-learning_rates?, description?}`` each; ``scales:`` entries are then rung names
+learning_rates?, max_sparsity?, description?}`` each (a rung's ``max_sparsity`` is the
+largest design sparsity planned at it: where its anchor on total parameters binds; a
+design beyond it is listed in invalid.csv, whatever the study's grid asks); ``scales:`` entries are then rung names
 (``scales: [a50m, a20m]``), or ``{name: a50m, learning_rates: [...]}`` to override a
 rung's learning rates.  A scale entry with its own ``arch`` is an inline shape; it may
 not reuse a rung's name (one shape per name), so switching the whole study to another
