@@ -181,3 +181,17 @@ def test_unknown_or_redefined_rungs_are_refused(scales, field, words):
 def test_a_rung_name_without_a_ladder_says_so():
     with pytest.raises(ConfigError, match="the spec has no ladder"):
         parse_spec(spec_doc(scales=["a50m"]))
+
+
+def test_a_rungs_max_sparsity_travels_with_it_and_a_bad_one_is_refused(tmp_path):
+    ladder = [LADDER[0] | {"max_sparsity": 8}, LADDER[1]]
+    spec = parse_spec(spec_doc(ladder=ladder, scales=["tiny", "wide"],
+                               moe={"granularities": ["1/2"], "sparsities": [8, 16]}))
+    assert [(s.name, s.max_sparsity) for s in spec.scales] == [("tiny", 8), ("wide", None)]
+    plan = build_plan(spec, tmp_path)
+    assert sorted(p.name for p in plan.points) == ["tiny_dense", "tiny_g1-2_s8", "wide_dense", "wide_g1-2_s16",
+                                                   "wide_g1-2_s8"]
+    assert [(r["name"], r["points_skipped"]) for r in plan.invalid] == [("tiny_g1-2_s16", 1)]
+    with pytest.raises(ConfigError) as info:
+        parse_spec(spec_doc(ladder=[LADDER[0] | {"max_sparsity": "1/2"}], scales=["tiny"]))
+    assert info.value.field == "spec.ladder[0].max_sparsity" and "must be >= 1" in str(info.value)
