@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,29 @@ def test_bad_arguments_name_the_flag(capsys):
     assert demo.main(["--nproc", "3"]) == 2
     err = capsys.readouterr().err
     assert "--nproc" in err and "multiple of the expert-parallel degree 2" in err
+
+
+def test_demo_figures_name_their_metric_and_the_reading_matches_the_held_out_set(tmp_path, monkeypatch):
+    """The demo has no validation set and its held-out text is synthetic: its main figures are the
+    training loss (not plot's default, which would call the synthetic CE "Paloma"), and the held-out
+    CE the closing reading compares has its own folder."""
+    from jobs import demo_reading
+    from jobs.sweep import collect
+    from tests.test_sweep_figures import dense_row, moe_row, write_table
+
+    paths = demo.DemoPaths(tmp_path / "demo", 7)
+    rows = [dense_row("mini", train_loss=5.0, paloma_macro_ce=5.5)] + [
+        moe_row("mini", g, 4, train_loss=5.0 + i / 10, paloma_macro_ce=5.6 + i / 10) for i, g in enumerate(("1", "1/2"))]
+    paths.sweep.parent.mkdir(parents=True)
+    Path(write_table(tmp_path, rows)).rename(paths.sweep)  # index.csv + results.csv, as collect leaves them
+    monkeypatch.setattr(collect, "write_results", lambda sweep: (None, None, rows))
+    monkeypatch.setattr(demo, "training_curves", lambda *a: None)  # no training logs here
+    _, figures = demo.collect_and_plot(paths, [])
+    main = sorted((paths.sweep / "plots").glob("*.json"))
+    heldout = sorted((paths.sweep / "plots" / "synthetic_heldout_ce").glob("*.json"))
+    assert main and heldout and len(figures) == len(main) + len(heldout)
+    assert {json.loads(p.read_text())["metric"] for p in main} == {"train_loss"}
+    assert {json.loads(p.read_text())["metric"] for p in heldout} == {"paloma_macro_ce"}
+    # the reading compares the held-out CE (every point has it): dense 5.5 vs the best MoE 5.6
+    reading = demo_reading.read_against_paper(rows)
+    assert "held-out macro CE" in reading and "**Dense wins**" in reading and "0.1000 behind" in reading

