@@ -50,7 +50,7 @@ FAST_LANE = [
     "tests/test_gpu_check.py",
     # torchrun's SIGTERM handling, which the k8s entrypoint works around (see its docstring).
     "tests/test_k8s_policy.py::test_entrypoint_gives_workers_more_than_torchruns_30s_and_exits_75",
-    # The teardown order (titan_moe/shutdown.py) on the preempted and the crashed exit paths.
+    # The teardown order (titan_moe/trainer/shutdown.py) on the preempted and the crashed exit paths.
     "tests/test_fault_tolerance.py::test_sigterm_to_every_worker_exits_75_without_abort",
     "tests/test_fault_tolerance.py::test_a_crash_after_the_process_group_started_exits_nonzero_without_abort",
 ]

@@ -8,7 +8,7 @@ Trains a MoE model on one process and saves every other step, once with
 saves included.  The two modes alternate, ``--repeats`` times each (disabled,
 async, disabled, async, ...); each pair gives one ratio sync / async, and the
 median ratio with its interval and a verdict against the aim (>= 4) come
-from ``titan_moe.bench_stats``.
+from ``titan_moe.common.bench_stats``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchtitan.components.optimizer import OptimizersContainer
 
-from titan_moe import bench_stats
+from titan_moe.common import bench_stats
 from titan_moe.checkpoint import CheckpointManager
 from titan_moe.model import TitanMoEModelArgs, Transformer
 

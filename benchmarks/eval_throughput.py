@@ -20,7 +20,7 @@ context length, in batches of the same token budget: no padding, no
 log-softmax, no bookkeeping.  `ratio = scorer throughput / baseline
 throughput` (1.0 = no waste), per repeat with the two sides alternating;
 printed as the median over ``--repeats`` with its interval
-(``titan_moe.bench_stats``).  The padded-token share shows how much of the
+(``titan_moe.common.bench_stats``).  The padded-token share shows how much of the
 gap is padding.  Without --hf-model/--config a random Llama of
 --hidden/--layers is generated.  Timings on a shared machine are noisy.
 """
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from titan_moe import bench_stats
+from titan_moe.common import bench_stats
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO / ".." / "shared" / "data"
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Scorer and plain forward alternate, --repeats times each (Paloma scorer, Paloma plain,
     # downstream scorer, downstream plain, again ...): each repeat's pair gives one ratio, and the
-    # median ratio with its interval comes from titan_moe.bench_stats.
+    # median ratio with its interval comes from titan_moe.common.bench_stats.
     docs = paloma_documents(tok, args.docs, lm.max_seq_len)
     requests = [w for d in docs for w in rolling_windows(d, lm.eos_id, lm.max_seq_len)]
     settings = EvalSettings(tasks=DOWNSTREAM_TASKS, limit=args.questions, batch_tokens=args.batch_tokens,

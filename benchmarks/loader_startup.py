@@ -16,7 +16,7 @@ measurement runs in a fresh process, as one rank, after its imports:
 
 The three measurements run ``--repeats`` times, interleaved (new full, new
 small, old small, new full, ...); each ratio is taken per repeat and printed
-as a median with its interval (``titan_moe.bench_stats``).  It prints wall
+as a median with its interval (``titan_moe.common.bench_stats``).  It prints wall
 time and the peak-RSS increase over the process after its
 imports (``ru_maxrss``).  The old path does not fit a small machine at full
 size (~9 GB per rank), so it runs on an index ``--old-scale`` times the size
@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from titan_moe import bench_stats
+from titan_moe.common import bench_stats
 
 SEQ_LEN = 4096
 
@@ -47,7 +47,7 @@ SEQ_LEN = 4096
 def fabricate(root: Path, sources: int, shards: int, samples: int) -> None:
     """manifest.json + <source>/index.json only; shard entries as prep writes them."""
     from data_prep.mds import index_json
-    from titan_moe.data.contract import FORMAT, columns
+    from titan_moe.common.contract import FORMAT, columns
 
     cols = columns("uint16", SEQ_LEN)
     names = sorted(cols)

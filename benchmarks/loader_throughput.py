@@ -21,7 +21,7 @@ OLMoE-1B-7B-like shape (``titan_moe/configs/bench_olmoe_1b7b.toml``) at 35 % MFU
 Every row runs ``--repeats`` times, the rows interleaved within each repeat
 (cold, warm, memmap, s3, cold, ...); each row's ratio to the memmap of the
 same repeat is summarised as a median with its interval
-(``titan_moe.bench_stats``).  Numbers depend on the machine (run it on an
+(``titan_moe.common.bench_stats``).  Numbers depend on the machine (run it on an
 idle one).
 """
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from titan_moe import bench_stats
+from titan_moe.common import bench_stats
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_CONFIG = REPO / "titan_moe" / "configs" / "bench_olmoe_1b7b.toml"
@@ -77,7 +77,7 @@ def write_data(root: Path, samples: int, seq_len: int, shard_size: str) -> np.me
 
 def job_config(root: str, cache: Path, seq_len: int, batch: int):
     from titan_moe.data.config import DataConfig
-    from titan_moe.job_config import parse_run_config
+    from titan_moe.run_config.job_config import parse_run_config
 
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
         f.write(f"[training]\nseq_len = {seq_len}\nlocal_batch_size = {batch}\n[data]\nroot = \"{root}\"\n")
@@ -114,7 +114,7 @@ def time_memmap(flat: np.memmap, rows: list[np.ndarray]) -> float:
 
 def gpu_need() -> tuple[int, float]:
     from titan_moe.model.accounting import describe
-    from titan_moe.job_config import load_run_config
+    from titan_moe.run_config.job_config import load_run_config
     from titan_moe.model.args import TitanMoEModelArgs
 
     args = TitanMoEModelArgs.from_job_config(load_run_config(BENCH_CONFIG))

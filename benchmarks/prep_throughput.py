@@ -23,7 +23,7 @@ Both count the same tokens (document tokens plus one EOS per document), so
 ``ratio = prep tok/s / raw tok/s = raw time / prep time``; the aim is >= 0.8.
 Raw and prep alternate ``--repeats`` times per worker count (raw, prep, raw,
 prep, ...); the ratio is taken per repeat and printed as a median with its
-interval (``titan_moe.bench_stats``).
+interval (``titan_moe.common.bench_stats``).
 The corpus is words drawn from the tokenizer's own vocabulary with
 log-normal document lengths, half the files gzip and half zstd, in two
 sources.  Timings on a shared machine are noisy: run it on an idle one.
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import zstandard
 
-from titan_moe import bench_stats
+from titan_moe.common import bench_stats
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = REPO / ".." / "shared" / "data" / "tokenizers" / "allenai_gpt-neox-olmo-dolma-v1_5.json"

@@ -28,7 +28,7 @@ decompression, line reading with bad-input accounting), ``tokenization``
 MDS shard format), ``finalize`` (streams, indexes, manifests), ``progress``,
 ``pipeline`` (one process's run), ``cli`` (``main(argv)``).  The manifest
 schema and the storage layer are shared with training:
-``titan_moe.data.contract`` and ``titan_moe.storage``.
+``titan_moe.common.contract`` and ``titan_moe.common.storage``.
 """
 
 from data_prep.config import PrepConfig

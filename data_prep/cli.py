@@ -29,8 +29,8 @@ import sys
 
 from data_prep.groups import parse_shard
 from data_prep.config import DEFAULT_SEQ_LEN, DEFAULT_SHARD_SIZE, DEFAULT_TOKENIZER, PrepConfig
-from titan_moe.errors import ConfigError
-from titan_moe.storage import RetryPolicy
+from titan_moe.common.errors import ConfigError
+from titan_moe.common.storage import RetryPolicy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported here so that ``--help`` does not pay for numpy/tokenizers/streaming.
     from data_prep.pipeline import EmptySources, IncompleteRun, run_prep
-    from titan_moe.storage import StorageError
+    from titan_moe.common.storage import StorageError
 
     try:
         cfg = config_from_args(args)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from titan_moe.errors import ConfigError
-from titan_moe.storage import RetryPolicy
-from titan_moe.units import parse_bytes
+from titan_moe.common.errors import ConfigError
+from titan_moe.common.storage import RetryPolicy
+from titan_moe.common.units import parse_bytes
 
 # The OLMoE tokenizer on the Hugging Face hub.  Tests pass the copy in
 # ../shared/data/tokenizers/ instead, because the hub is not reachable there.

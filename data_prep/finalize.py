@@ -24,9 +24,9 @@ import numpy as np
 from data_prep.groups import FileGroup
 from data_prep.mds import index_json
 from data_prep.writer import write_tail
-from titan_moe.data.contract import INDEX, MANIFEST, TOKENIZER, FileStats, SourceManifest, dumps, mixture_manifest
-from titan_moe.errors import ConfigError
-from titan_moe.storage import StorageError, Store
+from titan_moe.common.contract import INDEX, MANIFEST, TOKENIZER, FileStats, SourceManifest, dumps, mixture_manifest
+from titan_moe.common.errors import ConfigError
+from titan_moe.common.storage import StorageError, Store
 
 RECORD_FORMAT = "titan-moe-group/1"
 

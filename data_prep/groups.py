@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 from data_prep.sources import InputFile
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 DEFAULT_GROUP_SIZE = "1gb"
 

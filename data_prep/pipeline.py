@@ -49,7 +49,7 @@ from typing import Callable
 import numpy as np
 
 from data_prep.config import PrepConfig
-from titan_moe.units import parse_bytes
+from titan_moe.common.units import parse_bytes
 from data_prep.finalize import RECORD_FORMAT, EmptySources, Finalizer, IncompleteRun, empty_message, read_json
 from data_prep.groups import FileGroup, assign, make_groups
 from data_prep.progress import Progress
@@ -57,9 +57,9 @@ from data_prep.sources import InputFile, discover
 from data_prep.tokenization import load_tokenizer
 from data_prep.work import Worker, WorkSettings, init_process, marker_key, run_in_process, token_key
 from data_prep.writer import write_group
-from titan_moe.data.contract import INDEX, MANIFEST, FileStats, SourceManifest, dumps
-from titan_moe.errors import ConfigError
-from titan_moe.storage import Store, filesystem, is_url, remove_dead_temp_files
+from titan_moe.common.contract import INDEX, MANIFEST, FileStats, SourceManifest, dumps
+from titan_moe.common.errors import ConfigError
+from titan_moe.common.storage import Store, filesystem, is_url, remove_dead_temp_files
 
 WORK_DIR = "_work"
 # Called after each input file is done (tests use it to interrupt a run).

@@ -23,7 +23,7 @@ import fsspec
 import zstandard
 
 from data_prep.config import check_source_name
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 # suffix -> codec; longest suffixes first so ".json.gz" wins over ".json".
 CODECS = {

@@ -21,7 +21,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 PAD_CANDIDATES = ("<|padding|>", "<pad>", "[PAD]")

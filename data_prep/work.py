@@ -8,7 +8,7 @@ directory (see ``data_prep.layout``; always on this machine's disk):
     as raw little-endian ``uint16``/``uint32`` (no header: phase 2 streams it).
 ``<source>/<relpath>.json``
     the done-marker: format, tokenizer sha256, EOS id, dtype and the file's
-    :class:`~titan_moe.data.contract.FileStats`.  Written after the token file
+    :class:`~titan_moe.common.contract.FileStats`.  Written after the token file
     (atomically), so its presence means the token file is complete.
 
 A file is skipped when its marker matches the current tokenizer, EOS, dtype
@@ -29,9 +29,9 @@ from typing import Callable
 
 import numpy as np
 
-from titan_moe.data.contract import FileStats
+from titan_moe.common.contract import FileStats
 from data_prep.sources import InputFile, LineReader, parse_document
-from titan_moe.storage import TMP_MARK, RetryPolicy, StorageError, Store, filesystem, is_url
+from titan_moe.common.storage import TMP_MARK, RetryPolicy, StorageError, Store, filesystem, is_url
 
 WORK_FORMAT = "titan-moe-work/1"
 

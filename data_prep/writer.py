@@ -19,7 +19,7 @@ group (any source smaller than ``--group-size``) that is exactly the source's
 tokens cut in order.  Sequences cross document and file boundaries (documents
 are already EOS-terminated, no BOS).
 
-Columns: ``titan_moe.data.contract.columns`` (``tokens`` =
+Columns: ``titan_moe.common.contract.columns`` (``tokens`` =
 ``ndarray:<dtype>:<seq_len>``, ``num_valid`` = ``int32``), zstd shards with
 sha1 and xxh64 hashes, written by :class:`data_prep.mds.MDSShardWriter`.
 Shards go through a local staging directory named ``staging.tmp-<pid>-*``
@@ -36,10 +36,10 @@ from typing import Callable
 
 import numpy as np
 
-from titan_moe.units import parse_bytes
+from titan_moe.common.units import parse_bytes
 from data_prep.mds import MDSShardWriter
-from titan_moe.data.contract import columns
-from titan_moe.storage import TMP_MARK, StorageError, Store
+from titan_moe.common.contract import columns
+from titan_moe.common.storage import TMP_MARK, StorageError, Store
 
 READ_TOKENS = 1 << 21  # tokens per read of a work file (4 MiB of uint16)
 TAIL_PREFIX = "tail."

@@ -19,8 +19,8 @@ import torch
 from eval.models import ModuleLogitsModel
 from eval.tokenizer import TextTokenizer
 from titan_moe.checkpoint import model_state
-from titan_moe.errors import ConfigError
-from titan_moe.job_config import MODEL_NAME, load_run_config
+from titan_moe.common.errors import ConfigError
+from titan_moe.run_config.job_config import MODEL_NAME, load_run_config
 from titan_moe.model.args import TitanMoEModelArgs
 from titan_moe.model.transformer import Transformer
 
@@ -29,7 +29,7 @@ from titan_moe.model.transformer import Transformer
 class TrainedRunConfig:
     """The run config a checkpoint was trained with, read by the trainer's own reader.
 
-    ``job`` is what ``titan_moe.job_config.load_run_config`` returns for the same
+    ``job`` is what ``titan_moe.run_config.job_config.load_run_config`` returns for the same
     TOML and overrides, so eval sees the trainer's defaults (TensorBoard is off
     unless ``[metrics].enable_tensorboard`` says otherwise, as in torchtitan).
     """
@@ -132,7 +132,7 @@ def load_checkpoint_model(
     else:
         from titan_moe.data.run_tokenizer import candidates
 
-        from titan_moe.storage import StorageError
+        from titan_moe.common.storage import StorageError
 
         try:
             found = run.tokenizer(str(step_dir.parent))

@@ -6,7 +6,7 @@
     titan-moe eval --hf-model ./OLMoE-1B-7B --tasks mmlu_stem_test,boolq_mc_5shot
 
 The eval settings flags (--tasks, --limit, --batch-tokens, ...) are the fields
-of the run config's `[eval]` section (`titan_moe.job_config.EvalSettings`),
+of the run config's `[eval]` section (`titan_moe.run_config.job_config.EvalSettings`),
 with the same names and defaults.
 
 `--nproc N` re-launches itself under torchrun with N processes (results are
@@ -30,10 +30,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from titan_moe.overrides import parse_args_and_overrides
-from titan_moe.errors import ConfigError
+from titan_moe.run_config.overrides import parse_args_and_overrides
+from titan_moe.common.errors import ConfigError
 from titan_moe.infra.torchrun import torchrun_command, torchrun_env
-from titan_moe.job_config import EvalSettings
+from titan_moe.run_config.job_config import EvalSettings
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
 

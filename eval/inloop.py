@@ -16,7 +16,7 @@ The model is put in eval mode and restored, and MoE load counters are left
 untouched, so the bias update after the next step sees only training tokens.
 
 The `[eval]` section itself (`EvalSettings`) belongs to the run config, so it
-lives in `titan_moe.job_config`.
+lives in `titan_moe.run_config.job_config`.
 """
 
 import functools
@@ -28,7 +28,7 @@ from eval.models import ModuleLogitsModel
 from eval.report import scalars
 from eval.suite import run_suite
 from eval.tokenizer import TextTokenizer
-from titan_moe.job_config import EvalSettings
+from titan_moe.run_config.job_config import EvalSettings
 
 __all__ = ["InLoopEvalValidator", "build_inloop_validator", "maybe_evaluate"]
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from eval.tokenizer import TextTokenizer
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 # Buffers that accumulate statistics for the optimizer step, not model state.
 _TRAINING_COUNTERS = ("tokens_per_expert",)

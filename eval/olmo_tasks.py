@@ -26,7 +26,7 @@ from eval import distributed as ed
 from eval.models import LogitsModel
 from eval.scoring import ScoreStats, forward_batches
 from eval.tokenizer import TextTokenizer
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 # OLMo-core's names for ICLMetric's result keys (olmo_core.train.callbacks.evaluator_callback).
 OLMO_CORE_LABELS = {

@@ -24,7 +24,7 @@ from eval.models import as_logits_model
 from eval.scoring import Request, ScoreStats, rolling_windows, score_requests
 from eval.tasks import parse_tasks
 from eval.tokenizer import TextTokenizer
-from titan_moe.job_config import EvalSettings
+from titan_moe.run_config.job_config import EvalSettings
 
 
 def run_suite(

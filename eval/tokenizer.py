@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 # Names under which tokenizer.json files declare their end-of-text token.
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
@@ -54,7 +54,7 @@ class TextTokenizer:
         """A local tokenizer.json (or a directory holding one), an object-store URL, else a hub id."""
         if Path(name_or_path).exists():
             return cls.from_file(name_or_path, eos_id)
-        from titan_moe import storage
+        from titan_moe.common import storage
 
         if storage.is_url(name_or_path):
             url = name_or_path if name_or_path.endswith(".json") else storage.join(name_or_path, "tokenizer.json")

@@ -43,7 +43,7 @@ import yaml
 from jobs import synthetic_corpus as corpus
 from jobs.demo_progress import TrainingProgress, show_log_tail
 from jobs.demo_reading import read_against_paper
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 MINI_SPEC = REPO / "jobs" / "specs" / "mini.yaml"

@@ -40,7 +40,7 @@ from torchtitan.components.loss import cross_entropy_loss
 
 from titan_moe.data.loader import build_streaming_dataloader
 from titan_moe.data.validation import build_streaming_validator, build_validation_loaders, evaluate_sources
-from titan_moe.job_config import parse_run_config
+from titan_moe.run_config.job_config import parse_run_config
 
 VALIDATOR_STEP = 7
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from titan_moe.infra.expert_parallel import apply_expert_parallel
-from titan_moe import shutdown
+from titan_moe.trainer import shutdown
 from titan_moe.model.args import ExpertSetArgs, MoEArgs
 from titan_moe.model.moe import ExpertSet
 
@@ -108,7 +108,7 @@ def main(path: str) -> int:
     if rank == 0:
         with open(path, "w") as f:
             json.dump(gathered, f, indent=1)
-    # The product's teardown (titan_moe/shutdown.py): nothing that holds a process group may
+    # The product's teardown (titan_moe/trainer/shutdown.py): nothing that holds a process group may
     # be left for interpreter finalization -- compiled graphs and the mesh hold the EP group.
     del mesh
     torch._dynamo.reset()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from titan_moe.bench_stats import (describe_verdict, interleave, interval_rank, median_coverage, median_interval,
+from titan_moe.common.bench_stats import (describe_verdict, interleave, interval_rank, median_coverage, median_interval,
                                    ratio_interval, verdict)
 
 

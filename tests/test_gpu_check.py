@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.distributed_utils import REPO
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from titan_moe.gpu_check import REPORT_NAME, STAGES, bench_meets_targets, format_table, report_path
 
 

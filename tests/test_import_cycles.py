@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("titan_moe", "data_prep", "eval", "jobs", "benchmarks")

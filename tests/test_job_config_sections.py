@@ -1,6 +1,6 @@
 """The run config's [arch]/[moe] sections are the model args' fields: declared once, defaults included.
 
-``titan_moe.job_config`` holds the section dataclasses (what torchtitan's
+``titan_moe.run_config.job_config`` holds the section dataclasses (what torchtitan's
 parser reads); ``titan_moe.model.args`` subclasses them and only re-types the
 granularities, so a field added to a section reaches the model with its default.
 """
@@ -10,9 +10,9 @@ from fractions import Fraction
 
 import pytest
 
-from titan_moe import job_config
+from titan_moe.run_config import job_config
 from titan_moe.model import config as model_config
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from titan_moe.model.args import ExpertSetArgs, MoEArgs, TitanMoEModelArgs, parse_fraction
 
 

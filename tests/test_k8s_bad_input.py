@@ -6,7 +6,7 @@ import pytest
 
 from jobs.k8s import render_run
 from jobs.k8s.cli import main as k8s_main
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from tests.k8s_support import IMAGE, REPO, write_config
 
 

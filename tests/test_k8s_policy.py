@@ -90,7 +90,7 @@ def test_resources_are_sized_per_gpu_and_can_be_set(tmp_path):
 
 
 def test_data_cache_limit_follows_the_emptydir(tmp_path):
-    from titan_moe.units import parse_bytes
+    from titan_moe.common.units import parse_bytes
 
     for size, expected_bytes in (("100Gi", 100 * 2**30), ("500G", 500 * 10**9)):
         options = RenderOptions(data_cache_size=size)
@@ -168,7 +168,7 @@ def test_rendered_trainer_flags_reach_the_trainer_config(tmp_path):
     """The overrides the renderer appends parse with the trainer's own config manager."""
     import shlex
 
-    from titan_moe.job_config import parse_run_config
+    from titan_moe.run_config.job_config import parse_run_config
 
     objects = _render(tmp_path, checkpoint_seconds=100, step_seconds=10, data_cache_size="10Gi")
     pod = trainer_pod(objects["jobset.yaml"])

@@ -9,7 +9,7 @@ from jobs.k8s.cli import main as k8s_main
 from jobs.k8s.prep import FINALIZE_FILE, SHARDS_FILE, PrepSpec, build
 from jobs.k8s.options import RenderOptions
 from jobs.k8s.validate import KUBERNETES_VERSION, validate_dir
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from tests.k8s_support import IMAGE, crd_path, load
 
 # What k8s/README.md documents for this render (the prep flags are data_prep/cli.py's).

@@ -21,7 +21,7 @@ from jobs.k8s.cli import main as k8s_main
 from jobs.k8s.options import max_name_length, name_from_stem
 from jobs.k8s.validate import KUBERNETES_VERSION, validate_dir, validate_object
 from tests.k8s_support import IMAGE, REPO, crd_path, load, qos_class, restricted_violations, trainer_pod, write_config
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 # 1.31: podFailurePolicy (onExitCodes) and the DisruptionTarget condition went GA;
 # 1.33: the version the manifests target; 1.37: the newest bundled schemas.

@@ -22,7 +22,7 @@ from tests.loader_dist_worker import VALIDATOR_STEP, TinyLM, read_steps
 from tests.mds_streams import decode_ids, write_prep_output
 from titan_moe.data.loader import build_streaming_dataloader
 from titan_moe.data.validation import build_validation_loaders, evaluate_sources
-from titan_moe.job_config import parse_run_config
+from titan_moe.run_config.job_config import parse_run_config
 
 WORKER = Path(__file__).resolve().parent / "loader_dist_worker.py"
 SEQ = 32

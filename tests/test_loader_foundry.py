@@ -10,7 +10,7 @@ from tests.mds_streams import decode_ids, sample_tokens, write_foundry_output
 from tests.test_loader_streams import SEQ, base_job, job, read  # noqa: F401  (fixture)
 from titan_moe.data.setup import plan_data
 from titan_moe.data.loader import build_streaming_dataloader
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 
 def test_int32_and_bytes_folders_train_as_two_sources(base_job, tmp_path):  # noqa: F811

@@ -9,8 +9,8 @@ from titan_moe.data.config import DataConfig
 from titan_moe.data.manifest import StreamInfo
 from titan_moe.data.mixture import MixturePlan, SourcePlan, apportion, plan_mixture
 from titan_moe.data.order import SampleOrder
-from titan_moe.errors import ConfigError
-from titan_moe.units import parse_bytes
+from titan_moe.common.errors import ConfigError
+from titan_moe.common.units import parse_bytes
 
 
 def stream(name: str, shards: list[int]) -> StreamInfo:

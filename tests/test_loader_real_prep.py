@@ -17,7 +17,7 @@ from data_prep.pipeline import run_prep
 from tests.prep_support import EOS, PAD, TOKENIZER, expected_tokens, load_tokenizer, make_corpus
 from titan_moe.data.config import DataConfig
 from titan_moe.data.loader import build_streaming_dataloader
-from titan_moe.job_config import parse_run_config
+from titan_moe.run_config.job_config import parse_run_config
 
 SEQ = 64
 

@@ -16,7 +16,7 @@ import pytest
 from tests.mds_streams import sample_tokens, write_prep_output
 from titan_moe.data.manifest import read_prep_output
 from titan_moe.data.shard_store import SHM_DIR, ShardStore, _registered_locals
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 SEQ = 32
 REPO = Path(__file__).resolve().parents[1]

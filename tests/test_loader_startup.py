@@ -165,7 +165,7 @@ def test_a_wrong_mds_version_is_named_before_any_shard_is_read(tmp_path, where, 
     """Readers are built late, so the manifest check is where a bad index must fail."""
     from tests.mds_streams import write_prep_output
     from titan_moe.data.manifest import read_prep_output
-    from titan_moe.errors import ConfigError
+    from titan_moe.common.errors import ConfigError
 
     root = write_prep_output(tmp_path / "prep", {"a": 200}, shard_bytes=1 << 10)
     path = root / "a" / "index.json"

@@ -13,8 +13,8 @@ import torch
 from tests.mds_streams import EOS, PAD, SOURCE_BASE, decode_ids, sample_tokens, write_prep_output
 from titan_moe.data.config import DataConfig
 from titan_moe.data.loader import build_streaming_dataloader
-from titan_moe.errors import ConfigError
-from titan_moe.job_config import parse_run_config
+from titan_moe.common.errors import ConfigError
+from titan_moe.run_config.job_config import parse_run_config
 
 SEQ = 32
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from titan_moe.model.args import TitanMoEModelArgs
 from tests.model_configs import ARCH
 

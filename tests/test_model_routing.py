@@ -8,7 +8,7 @@ import torch
 from tests.distributed_utils import config
 from tests.model_configs import model_args
 from titan_moe.gpu_check import count_sync_ops
-from titan_moe.job_config import load_run_config
+from titan_moe.run_config.job_config import load_run_config
 from titan_moe.model.args import ExpertSetArgs, MoEArgs, TitanMoEModelArgs
 from titan_moe.model.experts import _experts_grouped_mm, _experts_loop, pad_groups
 from titan_moe.model.moe import ExpertSet

@@ -25,7 +25,7 @@ from tests.prep_support import (
     tree_digest,
     verify_stream_files,
 )
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 SEQ_LEN = 64
 SHARD = "2kb"  # several shards per stream, so shard boundaries are exercised

@@ -16,7 +16,7 @@ from data_prep.cli import main as prep_main
 from data_prep.config import PrepConfig
 from data_prep.pipeline import run_prep
 from tests.prep_support import TOKENIZER, expected_tokens, flatten, load_tokenizer, make_corpus, read_stream
-from titan_moe.storage import RetryPolicy, StorageError
+from titan_moe.common.storage import RetryPolicy, StorageError
 
 SEQ_LEN = 64
 SHARD = "2kb"

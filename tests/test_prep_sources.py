@@ -12,7 +12,7 @@ import pytest
 import zstandard
 
 from data_prep.sources import LineReader, codec_for, discover, parse_document
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 LINES = [json.dumps({"text": f"document number {i} " * (i % 7 + 1)}).encode() for i in range(400)]
 BLOB = b"\n".join(LINES) + b"\n"

@@ -21,11 +21,11 @@ from tests.distributed_utils import config
 from tests.mds_streams import write_prep_output
 from tests.sweep_support import SPECS
 from titan_moe import bench, describe, launch
-from titan_moe.errors import ConfigError
-from titan_moe.job_config import load_run_config, parse_run_config
+from titan_moe.common.errors import ConfigError
+from titan_moe.run_config.job_config import load_run_config, parse_run_config
 from titan_moe.model.accounting import describe as describe_model
 from titan_moe.model.args import TitanMoEModelArgs
-from titan_moe.preflight import plan_run
+from titan_moe.run_config.preflight import plan_run
 
 OVERRIDES = ["--moe.expert_sets.0.top_k", "2", "--moe.no-require-flop-match", "--training.steps", "5",
              "--moe.capacity_policy", "megablocks", "--job.dump_folder", "outputs/reader-test"]
@@ -194,7 +194,7 @@ def test_bad_data_root_fails_before_launch(tmp_path, capsys):
 
 def test_train_spec_holds_no_run_state():
     """torchtitan's model-args table builds each run's args from that run's config (no module global)."""
-    from titan_moe import train_spec
+    from titan_moe.trainer import train_spec
 
     table = train_spec.get_train_spec().model_args
     dense, moe = table["any flavor"], table["any flavor"]

@@ -1,6 +1,6 @@
 """A finished run exits 0, every time: back-to-back 2-process launches beside a CPU burner.
 
-Before the orderly shutdown (titan_moe/shutdown.py) about 1 launch in 6-15 on a
+Before the orderly shutdown (titan_moe/trainer/shutdown.py) about 1 launch in 6-15 on a
 loaded 2-core machine aborted after its last step ("terminate called without
 an active exception", exit -6).  Each launch is the torchrun command
 ``titan-moe train`` runs (``launch.build_command``: torchrun, gloo, every

@@ -29,7 +29,7 @@ from jobs.sweep.plan import build_plan, write_plan
 from jobs.sweep.spec import OLMOE_SOURCES
 from jobs.sweep.spec_check import parse_spec
 from jobs.sweep.spec_file import deep_merge
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from tests.sweep_support import SPECS, make_spec, spec_doc
 
 DENSE_TOKENS = 906_880

@@ -11,8 +11,8 @@ from jobs.sweep import cli, fields
 from jobs.sweep.collect import write_results
 from jobs.sweep.plan import build_plan, write_plan
 from jobs.sweep.spec_check import parse_spec
-from titan_moe import job_config
-from titan_moe.errors import ConfigError
+from titan_moe.run_config import job_config
+from titan_moe.common.errors import ConfigError
 from titan_moe.model import args as model_args
 from tests.sweep_support import ARCH, make_spec, spec_doc, write_spec
 

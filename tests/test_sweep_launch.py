@@ -15,7 +15,7 @@ from jobs.sweep import cli
 from jobs.sweep.launch import eval_command, launch_k8s, launch_local, train_command
 from jobs.sweep.plan import build_plan, write_plan
 from jobs.sweep.spec_file import load_spec
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from tests.sweep_support import SPECS, make_spec
 
 # Appends "<nproc>" to POINT/runs.txt; fails with exit 3 while POINT/FAIL exists.

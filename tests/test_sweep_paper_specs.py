@@ -164,7 +164,7 @@ def test_dropless_vs_default_uses_megablocks_token_dropping_at_every_scale(plann
 
 
 def test_megablocks_point_is_a_valid_run_config(tmp_path):
-    from titan_moe.job_config import parse_run_config
+    from titan_moe.run_config.job_config import parse_run_config
 
     plan = build_plan(load_spec(SPECS / "dropless_vs_default.yaml"), tmp_path)
     write_plan(plan, tmp_path)

@@ -13,7 +13,7 @@ from jobs.sweep.plan import build_plan, write_plan
 from jobs.sweep.spec import OLMOE_SOURCES
 from jobs.sweep.spec_file import load_spec
 from titan_moe import describe as describe_cli
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from tests.sweep_support import ARCH, SPECS, make_spec
 
 GRANULARITIES = ["1", "1/2", "1/4", "1/8", "1/16", "1/32", "1/64"]
@@ -218,8 +218,8 @@ def test_replanning_keeps_finished_points_unless_their_config_changes(tmp_path):
 
 
 def test_mini_spec_plans_points_the_trainer_accepts_on_two_processes(tmp_path):
-    from titan_moe.job_config import parse_run_config
-    from titan_moe.preflight import plan_run
+    from titan_moe.run_config.job_config import parse_run_config
+    from titan_moe.run_config.preflight import plan_run
 
     out = tmp_path / "mini"
     plan = build_plan(load_spec(SPECS / "mini.yaml"), out)

@@ -8,7 +8,7 @@ import pytest
 from jobs.sweep import cli, tomlw
 from jobs.sweep.spec_file import load_spec
 from jobs.sweep.spec_check import parse_spec
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from tests.sweep_support import ARCH, BASE, SPECS, spec_doc, write_spec
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from titan_moe.versions import runtime_versions
+from titan_moe.common.versions import runtime_versions
 
 EXPECT_ENV = "TITAN_MOE_EXPECT_TORCH"
 

@@ -6,7 +6,7 @@ import torch
 
 from titan_moe.data.synthetic import SyntheticConfig, SyntheticDataLoader
 from titan_moe.infra.expert_parallel import expert_major_order
-from titan_moe.metrics import MoEStepStats, load_metrics, set_tag
+from titan_moe.trainer.metrics import MoEStepStats, load_metrics, set_tag
 
 VOCAB, SEQ = 512, 16
 

@@ -6,10 +6,10 @@ import tomllib
 import pytest
 
 from titan_moe import launch
-from titan_moe.errors import ConfigError
-from titan_moe.job_config import parse_run_config
+from titan_moe.common.errors import ConfigError
+from titan_moe.run_config.job_config import parse_run_config
 from titan_moe.model.args import TitanMoEModelArgs
-from titan_moe.preflight import model_args_from_config, plan_run
+from titan_moe.run_config.preflight import model_args_from_config, plan_run
 from tests.distributed_utils import CONFIGS, config
 
 
@@ -114,7 +114,7 @@ def test_launcher_rejects_a_bad_profiling_schedule_before_spawning(capsys, monke
 
 def test_a_rank_reuses_the_plan_preflight_made(monkeypatch):
     """Model args are built once per process: torchtitan's hook gets the planned object."""
-    from titan_moe import train_spec
+    from titan_moe.trainer import train_spec
 
     job = parse("tiny_moe")
     plan = plan_run(job, world_size=1)

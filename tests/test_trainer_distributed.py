@@ -19,7 +19,7 @@ import pytest
 
 from tests.distributed_utils import REPO, config, read_metrics, run_trainer_jobs, torchrun
 from titan_moe.model.accounting import describe
-from titan_moe.job_config import load_run_config
+from titan_moe.run_config.job_config import load_run_config
 from titan_moe.model.args import TitanMoEModelArgs
 
 pytestmark = pytest.mark.slow

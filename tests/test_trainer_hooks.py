@@ -38,9 +38,9 @@ def test_the_static_check_sees_lazy_imports(tmp_path):
 
 
 def test_eval_validator_factory_is_resolved_by_import_path():
-    from titan_moe.errors import ConfigError
-    from titan_moe.job_config import EvalSettings
-    from titan_moe.train_spec import import_factory
+    from titan_moe.common.errors import ConfigError
+    from titan_moe.run_config.job_config import EvalSettings
+    from titan_moe.trainer.train_spec import import_factory
 
     factory = import_factory(EvalSettings().validator, "eval.validator")
     assert factory.__module__ == "eval.inloop" and factory.__name__ == "build_inloop_validator"

@@ -10,7 +10,7 @@ import sys
 
 from titan_moe import train  # activates the CPU adapter before torchtitan is imported
 
-from titan_moe import shutdown  # noqa: E402
+from titan_moe.trainer import shutdown  # noqa: E402
 from torchtitan.tools.logging import init_logger, logger  # noqa: E402
 
 

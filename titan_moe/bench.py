@@ -11,7 +11,7 @@ interleaved, ``--repeats`` times each (titan_moe, baseline, titan_moe, baseline,
 ...), every run a fresh process of ``--steps`` steps.  A run's tokens/s is the
 median over its steps after the warm-up; repeat i of titan_moe against repeat i
 of the baseline gives one ratio, and the verdict comes from the median of those
-ratios and its interval (``titan_moe.bench_stats``): ``faster`` when the whole
+ratios and its interval (``titan_moe.common.bench_stats``): ``faster`` when the whole
 interval clears ``--target`` (1.1x), ``slower`` when it is all below,
 ``inconclusive`` when it straddles the target.  CONFIG is a path or a name
 under ``titan_moe/configs/`` (default: ``bench_olmoe_1b7b`` -- 16 layers, dim 2048,
@@ -28,11 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from titan_moe import bench_stats
+from titan_moe.common import bench_stats
 from titan_moe.configs import shipped
 from titan_moe.infra.torchrun import torchrun_command, torchrun_env
-from titan_moe.job_config import load_run_config
-from titan_moe.overrides import parse_args_and_overrides
+from titan_moe.run_config.job_config import load_run_config
+from titan_moe.run_config.overrides import parse_args_and_overrides
 
 # The two engines, in the order each repeat runs them.
 ENGINES = {"titan_moe": "titan_moe.train", "baseline": "titan_moe.bench_baseline"}
@@ -170,7 +170,7 @@ def build_parser(gpu: bool, gpus: int) -> argparse.ArgumentParser:
 
 def read_command_line(argv: list[str], gpu: bool, gpus: int):
     """(options, config path, output folder, user overrides, the parsed run config of the titan_moe run)."""
-    from titan_moe.errors import ConfigError
+    from titan_moe.common.errors import ConfigError
 
     parser = build_parser(gpu, gpus)
     args, extra = parse_args_and_overrides(parser, argv)
@@ -194,8 +194,8 @@ def main(argv: list[str], runner: Runner | None = None) -> int:
     """``runner`` replaces the training processes (tests); by default each run is a fresh torchrun."""
     import torch
 
-    from titan_moe.errors import ConfigError
-    from titan_moe.preflight import plan_run
+    from titan_moe.common.errors import ConfigError
+    from titan_moe.run_config.preflight import plan_run
 
     gpu = torch.cuda.is_available()
     try:  # the same checks as `titan-moe train`, before any run is started

@@ -33,12 +33,12 @@ from torchtitan.protocols.train_spec import TrainSpec, register_train_spec  # no
 from torchtitan.tools.logging import init_logger  # noqa: E402
 from torchtitan.train import Trainer  # noqa: E402
 
-from titan_moe.errors import ConfigError  # noqa: E402
-from titan_moe.job_config import parse_run_config  # noqa: E402
+from titan_moe.common.errors import ConfigError  # noqa: E402
+from titan_moe.run_config.job_config import parse_run_config  # noqa: E402
 from titan_moe.model.args import TitanMoEModelArgs  # noqa: E402
 from titan_moe.model.transformer import use_grouped_mm_for  # noqa: E402
-from titan_moe.preflight import plan_run  # noqa: E402
-from titan_moe.train_spec import build_dataloader, build_metrics_processor  # noqa: E402
+from titan_moe.run_config.preflight import plan_run  # noqa: E402
+from titan_moe.trainer.train_spec import build_dataloader, build_metrics_processor  # noqa: E402
 
 BASELINE_NAME = "qwen3_moe_baseline"
 

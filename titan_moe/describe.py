@@ -1,6 +1,6 @@
 """``titan-moe describe RUN.toml [--json] [--] [--section.key value ...]``: what a run config builds.
 
-The config is read exactly as ``titan-moe train`` reads it (``titan_moe.job_config``),
+The config is read exactly as ``titan-moe train`` reads it (``titan_moe.run_config.job_config``),
 overrides included, so describe shows the model a train command would build.
 """
 
@@ -12,9 +12,9 @@ import sys
 
 from typing import Any
 
-from titan_moe.errors import ConfigError
-from titan_moe.job_config import load_run_config
-from titan_moe.overrides import parse_args_and_overrides
+from titan_moe.common.errors import ConfigError
+from titan_moe.run_config.job_config import load_run_config
+from titan_moe.run_config.overrides import parse_args_and_overrides
 from titan_moe.model.accounting import describe
 from titan_moe.model.args import TitanMoEModelArgs
 

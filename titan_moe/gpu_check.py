@@ -46,7 +46,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan_moe.configs import shipped
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 REPORT_NAME = "gpu_check.json"
 

@@ -9,7 +9,7 @@ with defaults that suit one machine: one process per GPU (1 without GPUs),
 a free rendezvous port, ``OMP_NUM_THREADS`` = cores / processes, and only
 rank 0's output on the console (``--log-all-ranks`` shows every rank).
 Arguments the launcher does not know, and everything after ``--``, are passed
-to the trainer as run-config overrides (parsed by ``titan_moe.job_config``).
+to the trainer as run-config overrides (parsed by ``titan_moe.run_config.job_config``).
 On a cluster, call torchrun with ``-m titan_moe.train`` directly.
 """
 
@@ -19,9 +19,9 @@ import subprocess
 import sys
 from typing import Any
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from titan_moe.infra.torchrun import torchrun_command, torchrun_env
-from titan_moe.overrides import parse_args_and_overrides
+from titan_moe.run_config.overrides import parse_args_and_overrides
 
 TRAIN_MODULE = "titan_moe.train"
 
@@ -64,7 +64,7 @@ def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def read_config(argv: list[str]) -> Any:
     """The run config ``titan-moe train ARGV`` trains (what every rank parses)."""
-    from titan_moe.job_config import load_run_config  # torch and torchtitan: not for --help
+    from titan_moe.run_config.job_config import load_run_config  # torch and torchtitan: not for --help
 
     args, overrides = parse_command_line(argv)
     return load_run_config(args.config, overrides)
@@ -72,8 +72,8 @@ def read_config(argv: list[str]) -> Any:
 
 def check(config: str, nproc: int, overrides: list[str]) -> None:
     """Raise ConfigError if the run cannot work on ``nproc`` processes."""
-    from titan_moe.job_config import load_run_config
-    from titan_moe.preflight import plan_run
+    from titan_moe.run_config.job_config import load_run_config
+    from titan_moe.run_config.preflight import plan_run
 
     if nproc < 1:
         raise ConfigError("--nproc", f"must be >= 1, got {nproc}")

@@ -46,14 +46,14 @@ from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
 from torchtitan.tools.logging import init_logger, logger  # noqa: E402
 from torchtitan.train import Trainer  # noqa: E402
 
-from titan_moe import shutdown, train_spec  # noqa: E402
+from titan_moe.trainer import shutdown, train_spec  # noqa: E402
 from titan_moe.checkpoint import PREEMPTED_EXIT_CODE, CheckpointManager, PreemptionHandler  # noqa: E402
 from titan_moe.data import run_tokenizer  # noqa: E402
-from titan_moe.errors import ConfigError  # noqa: E402
-from titan_moe.job_config import parse_run_config  # noqa: E402
-from titan_moe.metrics import MoEStepStats, load_metrics  # noqa: E402
+from titan_moe.common.errors import ConfigError  # noqa: E402
+from titan_moe.run_config.job_config import parse_run_config  # noqa: E402
+from titan_moe.trainer.metrics import MoEStepStats, load_metrics  # noqa: E402
 from titan_moe.model.transformer import Transformer  # noqa: E402
-from titan_moe.preflight import plan_run  # noqa: E402
+from titan_moe.run_config.preflight import plan_run  # noqa: E402
 
 
 class Preempted(Exception):

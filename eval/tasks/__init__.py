@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 OLMO_EXAMPLES = "hellaswag_rc_5shot, boolq_mc_5shot, mmlu_stem_test, arc_easy_rc_5shot"
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from eval.tasks.records import LoadReport, read_jsonl
 from eval.tokenizer import TextTokenizer
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 # subset -> (HF config, subdomain) ; None config: not in the HF text release.
 SUBSETS: dict[str, tuple[str | None, str | None]] = {

@@ -11,8 +11,8 @@ import argparse
 import sys
 
 from jobs.k8s.options import CPU_PER_GPU, DEFAULT_RDMA_RESOURCE, MEMORY_PER_GPU_GI, NETWORKS, RenderOptions
-from titan_moe.errors import ConfigError
-from titan_moe.overrides import parse_args_and_overrides
+from titan_moe.common.errors import ConfigError
+from titan_moe.run_config.overrides import parse_args_and_overrides
 
 
 def _parser() -> argparse.ArgumentParser:

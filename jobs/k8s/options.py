@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 # -- preemption arithmetic (k8s/README.md "What happens on preemption") ---------------
 # The trainer attempts its final save when, at the end of the step in flight, more
@@ -248,7 +248,7 @@ class RenderOptions:
 
     @property
     def data_cache_limit(self) -> str:
-        """``data.cache_limit`` for the trainer, in the units titan_moe.units.parse_bytes reads."""
+        """``data.cache_limit`` for the trainer, in the units titan_moe.common.units.parse_bytes reads."""
         return f"{int(quantity(self.data_cache_size) * CACHE_LIMIT_FRACTION) // 2**20}mb"
 
     @property

@@ -24,7 +24,7 @@ from jobs.k8s.options import (
     check_queue,
     quantity,
 )
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 SHARDS_FILE = "prep-shards-job.yaml"
 FINALIZE_FILE = "prep-finalize-job.yaml"

@@ -121,7 +121,7 @@ def render_run(
     ``options`` are ``RenderOptions`` fields (``name``, ``namespace``,
     ``runs_claim``, ``checkpoint_seconds``, ``network``, ...); ``overrides`` are
     run-config ``--section.key value`` pairs, checked here and passed to the
-    trainer.  Raises ``titan_moe.errors.ConfigError`` naming the field for a run
+    trainer.  Raises ``titan_moe.common.errors.ConfigError`` naming the field for a run
     that cannot work (a mesh that does not tile ``nodes x gpus_per_node``, a
     missing image, an unknown dataset, ...) before writing anything.
     """

@@ -2,8 +2,8 @@
 
 A config that renders must be a config that starts: the renderer parses the
 TOML and its overrides with the trainer's own reader
-(``titan_moe.job_config.load_run_config``) and runs the trainer's preflight
-(``titan_moe.preflight.plan_run``: model design point, device mesh, batch,
+(``titan_moe.run_config.job_config.load_run_config``) and runs the trainer's preflight
+(``titan_moe.run_config.preflight.plan_run``: model design point, device mesh, batch,
 ``[data]`` settings) for the cluster's world size ``nodes x gpus_per_node``.
 So a mesh that does not tile the cluster fails at render time, not after N
 nodes were scheduled and rendezvoused.  The data manifests are not read: the
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 # A ConfigMap, like any object, must stay under etcd's ~1.5 MiB request limit;
 # keep clear of it.
@@ -45,8 +45,8 @@ class ClusterRunConfig:
     text: str
     checkpoint_folder: str
     tb_folder: str
-    mesh: Any  # titan_moe.preflight.Mesh
-    job: Any  # the parsed run config (titan_moe.job_config.load_run_config)
+    mesh: Any  # titan_moe.run_config.preflight.Mesh
+    job: Any  # the parsed run config (titan_moe.run_config.job_config.load_run_config)
     overrides: tuple[str, ...] = ()
 
     @property
@@ -81,8 +81,8 @@ def check_run_config(path: str | Path, nodes: int, gpus_per_node: int,
         raise ConfigError("RUN.toml", f"{path} is {len(text.encode())} bytes; a ConfigMap holds at most 1 MiB")
 
     # Imported here: it pulls in torch/torchtitan, which `--help` should not pay for.
-    from titan_moe.job_config import load_run_config
-    from titan_moe.preflight import plan_run
+    from titan_moe.run_config.job_config import load_run_config
+    from titan_moe.run_config.preflight import plan_run
 
     try:
         job_config = load_run_config(path, overrides)

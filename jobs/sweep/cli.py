@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:

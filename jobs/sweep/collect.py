@@ -168,12 +168,12 @@ def hf_export(point_dir: Path) -> dict[str, Any]:
     """The point's transformers export (made or refreshed here), or why there is none."""
     import tomllib
 
-    from titan_moe import storage
+    from titan_moe.common import storage
     from titan_moe.checkpoint import catalog
     from titan_moe.checkpoint.cli import export_hf
     from titan_moe.checkpoint.hf_export import target_architecture
-    from titan_moe.errors import ConfigError
-    from titan_moe.job_config import load_run_config
+    from titan_moe.common.errors import ConfigError
+    from titan_moe.run_config.job_config import load_run_config
     from titan_moe.model.args import TitanMoEModelArgs
 
     config = point_dir / CONFIG_NAME

@@ -1,6 +1,6 @@
 """The run-config schema as the sweep sees it: dotted paths, value checks, CSV columns, labels.
 
-Everything here is read off ``titan_moe.job_config`` (titan-moe's sections, torchtitan's
+Everything here is read off ``titan_moe.run_config.job_config`` (titan-moe's sections, torchtitan's
 merged in) when it is asked, never from a list of field names kept by hand, so a field
 added to ``MoEConfig`` (with its default and a docstring) is at once:
 
@@ -25,8 +25,8 @@ import typing
 from dataclasses import MISSING, Field, fields, is_dataclass
 from typing import Any
 
-from titan_moe import job_config
-from titan_moe.errors import ConfigError
+from titan_moe.run_config import job_config
+from titan_moe.common.errors import ConfigError
 
 # ``[moe]`` fields the design maths sets (``jobs.sweep.designs``): the spec names designs by
 # granularity and sparsity, not by these; the index describes them in the design columns.

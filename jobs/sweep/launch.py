@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from jobs.sweep.plan import CONFIG_NAME, DONE_MARKER, atomic_write, load_index
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 FAILED_MARKER = ".failed"
 EVAL_NAME = "eval.json"

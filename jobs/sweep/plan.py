@@ -61,7 +61,7 @@ from jobs.sweep.designs import Design, enumerate_designs, moe_section, structure
 from jobs.sweep.fields import FLOPS_TOLERANCE
 from jobs.sweep.naming import axes_tag, axis_combinations, axis_tags, design_tag, run_tag
 from jobs.sweep.spec import ScaleSpec, SweepSpec
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from titan_moe.model.accounting import describe
 from titan_moe.model.args import TitanMoEModelArgs
 from titan_moe.model.args import format_fraction as ff

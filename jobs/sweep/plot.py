@@ -42,7 +42,7 @@ from jobs.sweep.plot_data import Table, choose_metric, load_results, reduce_rows
 from jobs.sweep.plot_families import ScaleData, scale_figures
 from jobs.sweep.plot_figures import Figures, varying
 from jobs.sweep.plot_scales import best_granularity_vs_scale, loss_vs_lr
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 
 def make_figures(table: Table, out_dir: Path, spec: str = "", metric: str = "auto", description: str = "",

@@ -27,7 +27,7 @@ from typing import Any
 from jobs.sweep import fields
 from jobs.sweep.collect import BOOKKEEPING_COLUMNS, EXTRA_TAGS, HEALTH_PREFIX
 from jobs.sweep.fields import FLOPS_TOLERANCE, axis_label
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 # Columns that hold text even when a cell happens to parse as a number (granularity "1", sparsity "2").
 TEXT_COLUMNS = {"name", "spec", "matching", "scale", "kind", "heterogeneous", "granularity", "sparsity",

@@ -52,7 +52,7 @@ not reuse a rung's name (one shape per name), so switching the whole study to an
 ladder is one edit of the ladder.
 
 Axes (``axes:``).  Each key is a run-config path (``SECTION.FIELD``) checked against
-``titan_moe.job_config``'s dataclasses: an unknown path or a value of the wrong type
+``titan_moe.run_config.job_config``'s dataclasses: an unknown path or a value of the wrong type
 is refused naming it, before anything is written.  Every combination of axis values
 is crossed with every design; a MoE-only field (``moe.*``) is not applied to the dense
 baselines.  Fields the planner sets itself (``PLANNER_OWNED``, the design's ``[moe]``

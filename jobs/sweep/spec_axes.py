@@ -12,7 +12,7 @@ from typing import Any
 from jobs.sweep import fields as schema
 from jobs.sweep.spec import PLANNER_OWNED, SweepSpec
 from jobs.sweep.spec_values import as_list, distinct, mapping
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from titan_moe.model.args import TitanMoEModelArgs
 
 

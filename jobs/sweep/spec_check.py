@@ -41,7 +41,7 @@ from jobs.sweep.spec_values import (
     no_unknown,
     number,
 )
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from titan_moe.model.args import TitanMoEModelArgs, format_fraction, parse_fraction
 
 

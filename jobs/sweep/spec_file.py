@@ -15,7 +15,7 @@ import yaml
 
 from jobs.sweep.spec import NAME_PATTERN, StudyPart, StudySpec, SweepSpec
 from jobs.sweep.spec_check import parse_spec
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 
 # --------------------------------------------------------------------------- loading

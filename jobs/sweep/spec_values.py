@@ -10,7 +10,7 @@ import math
 from fractions import Fraction
 from typing import Any
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from titan_moe.model.args import format_fraction, parse_fraction
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from jobs.sweep import fields
 from jobs.sweep.plan import COLUMNS, CONFIG_NAME, Plan, Point, build_plan
 from jobs.sweep.spec import StudySpec, SweepSpec
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 
 def build(spec: SweepSpec | StudySpec, out_dir: str | Path, *, max_tier: int | None = None,

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from jobs.sweep.plan import CONFIG_NAME
-from titan_moe import storage
+from titan_moe.common import storage
 from titan_moe.checkpoint import catalog
-from titan_moe.versions import KEYS
+from titan_moe.common.versions import KEYS
 
 COLUMNS = tuple(f"{key}_version" for key in ("torch", "torchtitan"))
 

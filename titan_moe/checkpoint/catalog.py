@@ -16,7 +16,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from titan_moe import storage
+from titan_moe.common import storage
 
 MARKER = "COMMITTED"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -46,7 +46,7 @@ def commit(path: str, step: int, world_size: int = 1, seconds: float = 0.0,
     """Write ``path``'s COMMITTED marker listing every file and its size; returns the file count.
 
     Call once, on one process, after every rank finished writing ``path``.
-    ``versions``: the libraries the checkpoint was written with (``titan_moe.versions``).
+    ``versions``: the libraries the checkpoint was written with (``titan_moe.common.versions``).
     """
     files = storage.file_sizes(path)
     files.pop(MARKER, None)

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-from titan_moe import storage
+from titan_moe.common import storage
 from titan_moe.checkpoint import catalog, model_state
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 
 def _size(n: int) -> str:
@@ -110,7 +110,7 @@ def export_hf(folder: str, out: str, step: int | None, config: str | None, token
     """A transformers folder from a checkpoint; design, config and tokenizer are checked before any weight is read."""
     from titan_moe.checkpoint.hf_export import target_architecture, write_hf_folder
     from titan_moe.data import run_tokenizer
-    from titan_moe.job_config import load_run_config
+    from titan_moe.run_config.job_config import load_run_config
     from titan_moe.model.args import TitanMoEModelArgs
 
     config_path = Path(config) if config else default_config(folder)

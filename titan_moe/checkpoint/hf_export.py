@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from titan_moe.model.args import TitanMoEModelArgs
 
 # Token names tokenizer.json files use for end-of-text, in the order we trust them.

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torchtitan.components.checkpoint import ModelWrapper
 
-from titan_moe import storage, versions
+from titan_moe.common import storage, versions
 from titan_moe.checkpoint import catalog
 from titan_moe.checkpoint.rng import RNGState
 from titan_moe.checkpoint.settings import check_checkpoint_config

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from titan_moe import storage
+from titan_moe.common import storage
 from titan_moe.checkpoint import catalog
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 # Top-level entries of a training checkpoint that are not model weights.
 NON_MODEL_PREFIXES = ("optimizer.", "lr_scheduler.", "dataloader.", "train_state.", "rng.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 

@@ -70,8 +70,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from titan_moe.errors import ConfigError
-from titan_moe.units import parse_bytes
+from titan_moe.common.errors import ConfigError
+from titan_moe.common.units import parse_bytes
 
 @dataclass
 class DataConfig:

@@ -21,10 +21,10 @@ import hashlib
 import json
 import posixpath
 
-from titan_moe import storage
-from titan_moe.data.contract import INDEX
+from titan_moe.common import storage
+from titan_moe.common.contract import INDEX
 from titan_moe.data.manifest import PrepOutput, _read_stream
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 FORMAT_NAME = "llm-foundry"
 TOKEN_ENCODINGS = ("ndarray:int32", "ndarray:int64", "ndarray:uint16", "ndarray:uint32", "bytes")

@@ -29,7 +29,7 @@ from torchtitan.components.loss import IGNORE_INDEX
 from titan_moe.data.config import DataConfig
 from titan_moe.data.setup import StreamSetup, planned_data
 from titan_moe.data.shard_store import ShardStore, open_store
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

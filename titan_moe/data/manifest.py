@@ -2,9 +2,9 @@
 
 Everything here runs before a process group or a cache directory is touched,
 so a wrong root, a missing stream or a mismatched ``seq_len`` fails at once,
-with a :class:`~titan_moe.errors.ConfigError` naming the field and the stream.
+with a :class:`~titan_moe.common.errors.ConfigError` naming the field and the stream.
 
-Layout (the contract in ``titan_moe.data.contract``, written by ``titan-moe prep``)::
+Layout (the contract in ``titan_moe.common.contract``, written by ``titan-moe prep``)::
 
     ROOT/manifest.json              {"format": "titan-moe-mds/1", "seq_len", "dtype", ...,
                                      "sources": {name: {"tokens", "sequences", "proportion", ...}}}
@@ -21,11 +21,11 @@ import logging
 from dataclasses import dataclass, field as dataclass_field
 
 
-from titan_moe import storage
-from titan_moe.data import contract
+from titan_moe.common import storage
+from titan_moe.common import contract
 from titan_moe.data.fast_streaming import gc_paused
-from titan_moe.data.contract import FORMAT, INDEX, MANIFEST, TOKEN_DTYPES
-from titan_moe.errors import ConfigError
+from titan_moe.common.contract import FORMAT, INDEX, MANIFEST, TOKEN_DTYPES
+from titan_moe.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 # Preferred shard checksums, fastest first, when validate_hash = "auto".

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from titan_moe.data.config import DataConfig
 from titan_moe.data.manifest import StreamInfo
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 
 

@@ -9,11 +9,11 @@ export do.  They find it from the run config alone, in this order:
    tokenizer there when the run starts (:func:`record`), so a checkpoint stays
    scoreable after its data moved or was deleted;
 3. ``[data].root/tokenizer.json``, written by ``titan-moe prep`` next to its
-   manifest (``titan_moe.data.contract.TOKENIZER``);
+   manifest (``titan_moe.common.contract.TOKENIZER``);
 4. the local path recorded in an older prep manifest (``"tokenizer"``).
 
 Every location may be a local path or an object-store URL: all reads go
-through ``titan_moe.storage``.  Why a copy in the checkpoint folder and not a
+through ``titan_moe.common.storage``.  Why a copy in the checkpoint folder and not a
 URL in checkpoint metadata: a URL breaks when the data is moved, and the copy
 is ~2 MB next to checkpoints of hundreds of MB.
 """
@@ -24,8 +24,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from titan_moe import storage
-from titan_moe.data.contract import MANIFEST, TOKENIZER
+from titan_moe.common import storage
+from titan_moe.common.contract import MANIFEST, TOKENIZER
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from titan_moe.data.foundry import read_foundry_output
 from titan_moe.data.manifest import PrepOutput, read_prep_output
 from titan_moe.data.mixture import MixturePlan, plan_mixture
 from titan_moe.data.order import SampleOrder
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 
 

@@ -39,10 +39,10 @@ import numpy as np
 import torch.distributed as dist
 
 from titan_moe.data.config import DataConfig
-from titan_moe.units import parse_bytes
+from titan_moe.common.units import parse_bytes
 from titan_moe.data.manifest import PrepOutput, pick_hash
 from titan_moe.data.fast_streaming import indexed_stream_class, streaming_dataset
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

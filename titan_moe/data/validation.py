@@ -31,7 +31,7 @@ from titan_moe.data.config import DataConfig
 from titan_moe.data.loader import make_batch
 from titan_moe.data.setup import check_validation_root, planned_data, resolve_cache_root
 from titan_moe.data.shard_store import ShardStore, open_store
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -86,7 +86,7 @@ def parallelize_titan_moe(model: nn.Module, parallel_dims: ParallelDims, job_con
         logger.info(f"Applied {'HSDP' if replicate else 'FSDP'} to the model")
     elif parallel_dims.dp_replicate_enabled:
         # Pure DDP averages gradients on top of the trainer's global-token normalisation.
-        raise ValueError("parallelism: pure DDP is not supported; use FSDP or HSDP (see titan_moe.preflight)")
+        raise ValueError("parallelism: pure DDP is not supported; use FSDP or HSDP (see titan_moe.run_config.preflight)")
     return model
 
 

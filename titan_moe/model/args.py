@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from typing import Any
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from titan_moe.model.config import EXPERT_SET_REQUIRED, ArchConfig, ExpertSetConfig, MoEConfig, section_from_dict
 
 VOCAB_PAD_MULTIPLE = 128
@@ -164,7 +164,7 @@ class TitanMoEModelArgs(ArchConfig):
 
     @classmethod
     def from_job_config(cls, job_config: Any) -> "TitanMoEModelArgs":
-        """The model a run config (``titan_moe.job_config.load_run_config``) builds."""
+        """The model a run config (``titan_moe.run_config.job_config.load_run_config``) builds."""
         return cls.from_config(job_config.arch, job_config.moe, job_config.training.seq_len)
 
     @classmethod

@@ -1,7 +1,7 @@
 """The model's own run-config sections, ``[arch]`` and ``[moe]``, and the table reader.
 
 These dataclasses hold every field, default and meaning of the two sections
-that describe a model; ``titan_moe.job_config`` composes them into the run
+that describe a model; ``titan_moe.run_config.job_config`` composes them into the run
 config, and ``titan_moe.model.args`` subclasses them into validated model args.
 They live in the model package so that the model depends on nothing but its
 own config and the error types: importing ``titan_moe.model`` loads neither
@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 
 @dataclass

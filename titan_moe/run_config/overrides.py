@@ -7,14 +7,14 @@ either mixed in with its own options or after the usual ``--``::
     titan-moe train RUN.toml --nproc 2 -- --training.steps 5
 
 ``parse_args_and_overrides`` is the one implementation; the overrides then go to
-``titan_moe.job_config.load_run_config``.
+``titan_moe.run_config.job_config.load_run_config``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 
 _UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}
 

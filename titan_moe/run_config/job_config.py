@@ -21,13 +21,13 @@ is the only way a command turns a run TOML into a config: ``titan-moe train``
 (and ``python -m titan_moe.train`` on every rank), ``describe``, ``eval``,
 ``bench``, ``k8s render`` and the sweep planner's checks all call it, with the
 same ``--section.key value`` overrides (after the usual ``--`` or mixed in with
-the command's own flags, see ``titan_moe.overrides``).  torchtitan merges this
+the command's own flags, see ``titan_moe.run_config.overrides``).  torchtitan merges this
 module's ``JobConfig`` into its own (``[job].custom_config_module =
-"titan_moe.job_config"`` names it for plain torchtitan; ``RunConfigManager``
+"titan_moe.run_config.job_config"`` names it for plain torchtitan; ``RunConfigManager``
 always merges it).  Unknown keys anywhere fail naming the key
 (``moe.top_k_typo: unknown key; valid keys: ...``); design-point validation is
 the model's (``TitanMoEModelArgs.validate``) and launch checks are
-``titan_moe.preflight.plan_run``.
+``titan_moe.run_config.preflight.plan_run``.
 
 Adding a field is a one-place change: add it, with its default and a
 docstring, to the section's dataclass (below, or in ``titan_moe.model.config``
@@ -51,9 +51,9 @@ from torchtitan.config import JobConfig as TorchTitanJobConfig
 
 from titan_moe.data.config import DataConfig
 from titan_moe.data.synthetic import SyntheticConfig
-from titan_moe.errors import ConfigError
+from titan_moe.common.errors import ConfigError
 from titan_moe.model.config import ArchConfig, MoEConfig, section_from_dict
-from titan_moe.overrides import check_overrides, split_overrides
+from titan_moe.run_config.overrides import check_overrides, split_overrides
 
 MODEL_NAME = "titan_moe"
 """``[model].name`` of every titan-moe run config."""

@@ -11,7 +11,7 @@ optimizer              torchtitan's AdamW container + a post-step hook that
 dataloader             ``synthetic`` (toy language) or ``mds`` (``titan_moe.data``)
 validator              per-source loss on ``[data].validation_root`` (``titan_moe.data``);
                        the trainer adds ``[eval]``'s validator (``ValidatorSet``)
-metrics                ``titan_moe.metrics.TitanMetricsProcessor``
+metrics                ``titan_moe.trainer.metrics.TitanMetricsProcessor``
 =====================  ==========================================================
 """
 
@@ -33,14 +33,14 @@ from torchtitan.protocols.model import BaseModelArgs
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 
 from titan_moe.data.synthetic import SyntheticDataLoader
-from titan_moe.errors import ConfigError
-from titan_moe.metrics import TitanMetricsProcessor
+from titan_moe.common.errors import ConfigError
+from titan_moe.trainer.metrics import TitanMetricsProcessor
 from titan_moe.model.accounting import count_parameters, flops_per_token
 from titan_moe.model.moe import expert_sets, update_expert_biases
 from titan_moe.model.transformer import Transformer
 from titan_moe.infra.parallelize import parallelize_titan_moe
-from titan_moe.job_config import MODEL_NAME
-from titan_moe.preflight import planned_model_args
+from titan_moe.run_config.job_config import MODEL_NAME
+from titan_moe.run_config.preflight import planned_model_args
 
 
 def _json_safe(value: Any) -> Any:
@@ -70,7 +70,7 @@ class RunModelArgs(BaseModelArgs):
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def update_from_config(self, job_config: Any, **kwargs) -> None:
-        # The rank's preflight already built and validated them (titan_moe.preflight.RunPlan).
+        # The rank's preflight already built and validated them (titan_moe.run_config.preflight.RunPlan).
         self.args = planned_model_args(job_config)
         self.summary = _json_safe(dataclasses.asdict(self.args))
 

@@ -20,8 +20,8 @@ context_parallel_degree * tensor_parallel_degree``.
 from dataclasses import dataclass
 from typing import Any
 
-from titan_moe.errors import ConfigError
-from titan_moe.job_config import DATASETS, MODEL_NAME
+from titan_moe.common.errors import ConfigError
+from titan_moe.run_config.job_config import DATASETS, MODEL_NAME
 from titan_moe.model.args import TitanMoEModelArgs
 
 
