@@ -89,7 +89,9 @@ def test_demo_trains_evaluates_and_plots_every_point(demo_run):
     # the printed Markdown tables hold one row per point
     for name in names:
         assert re.search(rf"^\| {re.escape(name)} \|", text, re.M), name
-        assert len(re.findall(rf"^\| {re.escape(name)} \|", text, re.M)) == 2  # results + held-out table
+        # results, held-out CE, and the reading against the paper (jobs/demo_reading.py)
+        assert len(re.findall(rf"^\| {re.escape(name)} \|", text, re.M)) == 3
+    assert re.search(r"^\*\*(Dense wins|MoE wins|A tie)\*\*", text, re.M), "the demo reads its own result"
 
     # figures: the ones printed exist and are real PNG images
     figures = [Path(line.strip()) for line in text.splitlines() if line.strip().endswith(".png")]
