@@ -12,7 +12,7 @@ from tests.s3_server import FaultProxy, S3Server
 
 
 def pytest_collection_modifyitems(config, items):
-    """`stress` tests (minutes each) run only when the -m expression names them (`-m stress`,
+    """`stress` tests (minutes each: repeated launches, the whole demo, the full gpu-check smoke) run only when the -m expression names them (`-m stress`,
     which .ci/run runs after the main suite), so `python3 run.py test` stays within 15 minutes."""
     if "stress" in (config.getoption("markexpr") or ""):
         return

@@ -46,6 +46,7 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.stress  # the whole demo (~3 min on 2 cores): .ci/run's second step, beside the stress tests
 def test_demo_trains_evaluates_and_plots_every_point(demo_run):
     out, rc, text = demo_run
     assert rc == 0, text[-3000:]
@@ -111,6 +112,7 @@ def test_demo_trains_evaluates_and_plots_every_point(demo_run):
 
 
 @pytest.mark.slow
+@pytest.mark.stress
 def test_demo_rerun_resumes_without_redoing_work(demo_run, capsys):
     out, rc, _ = demo_run
     assert rc == 0
