@@ -59,7 +59,8 @@ from data_prep.work import Worker, WorkSettings, init_process, marker_key, run_i
 from data_prep.writer import write_group
 from titan_moe.common.contract import INDEX, MANIFEST, FileStats, SourceManifest, dumps
 from titan_moe.common.errors import ConfigError
-from titan_moe.common.storage import Store, filesystem, is_url, remove_dead_temp_files
+from titan_moe.common.storage import Store, filesystem, is_url
+from titan_moe.common.temp_files import remove_dead_temp_files
 
 WORK_DIR = "_work"
 # Called after each input file is done (tests use it to interrupt a run).

@@ -123,7 +123,7 @@ class Worker:
         self.work.delete(marker_key(f))
         target = self.work.path(token_key(f))
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        # Named after this process: a run after a SIGKILL removes it (storage.remove_dead_temp_files).
+        # Named after this process: a run after a SIGKILL removes it (common.temp_files).
         tmp = f"{target}{TMP_MARK}{os.getpid()}"
         try:
             stats = self._tokenize(f, tmp)
