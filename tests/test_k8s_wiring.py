@@ -16,6 +16,8 @@ covers what each kind of failure costs.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from jobs.k8s.exitcodes import PREEMPTED as PREEMPTED_EXIT_CODE
@@ -87,16 +89,24 @@ def test_rendered_jobset_rendezvous_trains_and_resumes_after_losing_a_node(tmp_p
         pods.kill_pod(1)
         pods.terminate_all()
         latest = max(committed_steps(ckpt))
-        seen = len(metric_steps(metrics))
         gen1_loss = {m["step"]: m["loss_metrics/global_avg_loss"] for m in metric_steps(metrics)}
 
         # Generation 2: same command, same volume: training continues after the checkpoint.
+        # Its records are told apart by time: gen 1 may have logged steps past the checkpoint,
+        # which the restart drops from metrics.jsonl (they were never checkpointed).
+        restarted_at = time.time()
         pods.start(generation=2)
-        new = wait_for(lambda: metric_steps(metrics)[seen:][:2] if len(metric_steps(metrics)) >= seen + 2 else None,
-                        pods, "two training steps of the restarted group")
+
+        def restarted_steps():
+            new = [m for m in metric_steps(metrics) if m["time"] > restarted_at]
+            return new[:2] if len(new) >= 2 else None
+
+        new = wait_for(restarted_steps, pods, "two training steps of the restarted group")
         assert [m["step"] for m in new] == [latest + 1, latest + 2], (
             f"expected the restart to resume after checkpoint step-{latest}:\n{pods.output()}"
         )
+        steps = [m["step"] for m in metric_steps(metrics)]
+        assert steps == list(range(1, len(steps) + 1)), f"one record per step, in order: {steps}"
         if latest + 1 in gen1_loss:
             # The first generation got past the checkpoint too: a faithful resume repeats its loss.
             assert new[0]["loss_metrics/global_avg_loss"] == pytest.approx(gen1_loss[latest + 1], rel=1e-4)

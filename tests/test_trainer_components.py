@@ -1,5 +1,6 @@
 """Trainer parts that need no process group: synthetic data, EP permutation, MoE step metrics."""
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -131,3 +132,20 @@ def test_load_metrics_and_tags():
     out = {k: float(v) for k, v in load_metrics(loads, biases, bias_on=True).items()}
     assert out == pytest.approx({"moe/layer0.set0/load_imbalance": 1.5, "moe/layer0.set0/bias_range": 0.3})
     assert "moe/layer0.set0/bias_range" not in load_metrics(loads, biases, bias_on=False)
+
+
+def test_jsonl_resume_drops_records_after_the_checkpoint_and_a_torn_last_line(tmp_path):
+    from titan_moe.trainer.metrics import JsonlLogger
+
+    path = tmp_path / "metrics.jsonl"
+    log = JsonlLogger(str(path))
+    for step in range(1, 6):
+        log.log({"loss": float(step)}, step)
+    log.file.write('{"step": 6, "lo')  # a kill -9 in the middle of a write
+    log.file.flush()
+    log.resume_at(3)  # the restart resumes from step-3: 4, 5 and the torn 6 were never checkpointed
+    log.log({"loss": 40.0}, 4)
+    log.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["loss"] == 40.0

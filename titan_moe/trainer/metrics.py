@@ -129,6 +129,14 @@ def load_metrics(global_load: dict[str, torch.Tensor], biases: dict[str, torch.T
     return out
 
 
+def _record_step(line: str) -> int | None:
+    """The step of one JSONL record; None for a line torn by a kill mid-write (it is dropped)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class JsonlLogger(BaseLogger):
     """Appends ``{"step": N, metric: value, ...}`` per log step; tests and benchmarks read it."""
 
@@ -140,8 +148,8 @@ class JsonlLogger(BaseLogger):
     def resume_at(self, step: int) -> None:
         """Drop records after ``step`` (logged by a run that died before its next checkpoint)."""
         self.file.close()
-        with open(self.path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            kept = [line for line in f if _record_step(line) is not None and _record_step(line) <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)
