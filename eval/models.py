@@ -62,6 +62,18 @@ class ModuleLogitsModel:
         out = self.module(tokens.to(self.device))
         return out.logits if hasattr(out, "logits") else out
 
+    def final_hidden(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(last hidden states [B, S, D], output weight [V, D]) with ``logits == hidden @ weight.T``.
+
+        None when this model's logits are not that product (see `_plain_output_head`);
+        the scorer then takes the full logits from ``__call__``.
+        """
+        split = _plain_output_head(self.module)
+        if split is None:
+            return None
+        trunk, weight = split
+        return trunk(tokens.to(self.device)), weight
+
     @contextlib.contextmanager
     def scoring(self):
         """Eval mode for the duration, and training-side state left as it was.
@@ -84,6 +96,37 @@ class ModuleLogitsModel:
                 for name, saved in counters.items():
                     self.module.get_buffer(name).copy_(saved)
             self.module.train(was_training)
+
+
+# Hugging Face architectures whose causal-LM forward is exactly ``lm_head(decoder(x).last_hidden_state)``:
+# no logit scale, soft-capping or bias (Gemma, Cohere and others add one and keep the full-logits path).
+_PLAIN_HEAD_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "mixtral", "olmo", "olmo2", "olmoe", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
+)
+
+
+def _plain_output_head(module: nn.Module):
+    """(trunk, output weight) when logits = trunk(tokens) @ weight.T, else None.
+
+    Scoring needs logits only at the positions it scores, and applies the
+    output layer there in cache-sized blocks: a [B, S, 50k] float32 logits
+    tensor is gigabytes per batch, written once and read again by the
+    log-softmax.  A sharded model (FSDP's DTensor parameters) is excluded: only
+    its own ``forward`` gathers the shards of its embedding and output layer.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        return None
+    final_hidden, output = getattr(module, "final_hidden", None), getattr(module, "output", None)
+    if callable(final_hidden) and isinstance(output, nn.Linear) and output.bias is None:
+        return final_hidden, output.weight  # titan-moe's Transformer
+    config = getattr(module, "config", None)
+    if getattr(config, "model_type", None) in _PLAIN_HEAD_MODEL_TYPES and hasattr(module, "get_decoder"):
+        head, decoder = module.get_output_embeddings(), module.get_decoder()
+        if isinstance(head, nn.Linear) and head.bias is None and decoder is not None:
+            return (lambda tokens: decoder(input_ids=tokens, use_cache=False).last_hidden_state), head.weight
+    return None
 
 
 def as_logits_model(

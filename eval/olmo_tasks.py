@@ -168,13 +168,13 @@ def run_olmo_task(
     metric = ICLMetric(metric_type=metric_type)
     inputs = [s["query"] for s in samples]
 
-    def consume(rows, logits):
-        # One update per instance with a view of its continuation positions: no padding, no copy
-        # (float32 logits); the library's log-softmax then touches only the positions it scores.
+    def consume(rows, output):
+        # One update per instance with the logits of its continuation positions only: no padding,
+        # and from a model that exposes its output layer, no logits for the context at all.
         for r, i in enumerate(rows):
             s = samples[i]
             start = len(s["query"]) - s["cont_len"]  # == the library's ctx_len - 1
-            metric.update(*_metric_batch([s], logits[r : r + 1, start : start + s["cont_len"]].float()))
+            metric.update(*_metric_batch([s], output.span(r, start, start + s["cont_len"]).float()))
 
     task_stats = ScoreStats()
     forward_batches(

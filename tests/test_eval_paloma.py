@@ -268,3 +268,52 @@ def test_windows_and_answers_score_as_one_row_at_a_time(monkeypatch, block_eleme
         n = len(req.continuation)
         want = sum(float(lp[len(x) - n + j, t]) for j, t in enumerate(req.continuation))
         assert value == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+def _split_and_full(kind: str, tmp_path):
+    """The same model twice: as eval loads it (output layer split off) and as a plain logits callable."""
+    from eval.models import ModuleLogitsModel, _plain_output_head
+
+    if kind == "titan":
+        from tests.model_configs import HETEROGENEOUS, model_args
+        from titan_moe.model import Transformer
+
+        torch.manual_seed(0)
+        module = Transformer(model_args(HETEROGENEOUS, seq_len=WINDOW)).eval()
+        module.init_weights()
+    else:
+        require_shared_data()
+        import transformers
+
+        module = transformers.AutoModelForCausalLM.from_pretrained(str(make_tiny_model(tmp_path, kind, WINDOW))).eval()
+    lm = ModuleLogitsModel(module, max_seq_len=WINDOW, eos_id=0)
+    expect_split = kind != "gpt_neox"  # GPT-NeoX is not on the plain-head list: it keeps full logits
+    assert (_plain_output_head(module) is not None) is expect_split
+
+    class FullLogits:  # no final_hidden: the scorer must take the model's whole output
+        max_seq_len, eos_id, name, step, device = WINDOW, 0, "full", None, "cpu"
+
+        def __call__(self, tokens):
+            return lm(tokens)
+
+    return lm, FullLogits(), module.config.vocab_size if kind != "titan" else module.args.vocab_size
+
+
+@pytest.mark.parametrize("kind", ["titan", "llama", "gpt_neox"])
+@pytest.mark.parametrize("block_elements", [1 << 22, 5 * 300])  # one block per batch; 5-position blocks
+def test_scores_from_the_split_output_layer_equal_full_logits(kind, block_elements, monkeypatch, tmp_path):
+    """Paloma windows and short answers: applying the output layer only where scored changes nothing."""
+    from eval import scoring
+    from eval.scoring import Request, score_requests
+
+    monkeypatch.setattr(scoring, "CE_BLOCK_ELEMENTS", block_elements)
+    split, full, vocab = _split_and_full(kind, tmp_path)
+    vocab = min(vocab, 300)
+    rng = random.Random(2)
+    requests = [w for n in (5, 16, 37, 70) for w in rolling_windows([rng.randrange(1, vocab) for _ in range(n)], 0, WINDOW)]
+    requests += [Request(tuple(rng.randrange(1, vocab) for _ in range(rng.randrange(1, 12))),
+                         tuple(rng.randrange(1, vocab) for _ in range(rng.randrange(1, 4)))) for _ in range(12)]
+    kwargs = dict(batch_tokens=3 * WINDOW, max_batch_size=3, progress=False)
+    got = score_requests(split, requests, **kwargs)
+    want = score_requests(full, requests, **kwargs)
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)

@@ -123,10 +123,18 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, padded_vocab_size]."""
+        return self.output(self.final_hidden(tokens))
+
+    def final_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] -> the normalised last hidden states [B, S, dim] that ``output`` maps to logits.
+
+        Eval applies ``output`` only to the positions it scores, in cache-sized
+        blocks, instead of materialising [B, S, vocab] logits (eval.models).
+        """
         h = self.tok_embeddings(tokens)
         for layer in self.layers.values():
             h = layer(h, self.rope_cos, self.rope_sin)
-        return self.output(self.norm(h))
+        return self.norm(h)
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         """Initialise in place; called after materialising a meta-device model."""
