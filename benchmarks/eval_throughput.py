@@ -21,7 +21,9 @@ log-softmax, no bookkeeping.  `ratio = scorer throughput / baseline
 throughput` (1.0 = no waste), per repeat with the two sides alternating;
 printed as the median over ``--repeats`` with its interval
 (``titan_moe.common.bench_stats``).  The padded-token share shows how much of the
-gap is padding.  Without --hf-model/--config a random Llama of
+gap is padding.  The plain forward computes logits at every position; the
+scorer only where it scores (eval/scoring.py), so on a model whose output layer
+dominates (the default, 64 wide at a 50k vocabulary) the ratio exceeds 1.  Without --hf-model/--config a random Llama of
 --hidden/--layers is generated.  Timings on a shared machine are noisy.
 """
 
