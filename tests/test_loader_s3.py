@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,70 @@ def test_s3_reads_the_same_samples_as_local_under_a_cache_limit(base_job, s3, s3
     remote.close()
     assert resident <= 12 < shards  # shards were evicted to stay under the limit...
     assert len({s for x, _ in expected for s in decode_ids(x)}) == 480  # ...after every sample was read
+
+
+def test_concurrent_downloads_never_take_the_cache_over_its_limit(base_job, tmp_path, monkeypatch):
+    """A full cache, then six downloads at once, each held open 200 ms: the race made certain.
+
+    Streaming alone makes room for one shard and downloads without holding that space, so the
+    other five see the same room and the cache ends ~4 shards over its limit; the store's
+    dataset reserves each download's space first and evicts enough for all six.
+    """
+    from streaming.base.dataset import _ShardState
+
+    root = write_prep_output(tmp_path / "mix", {"a": 320, "b": 160}, seq_len=SEQ, shard_bytes=1024)
+    limit = 11 * 1024
+    cache = tmp_path / "cache"
+    loader = build_streaming_dataloader(1, 0, None, job(base_job, str(root), cache, cache_limit=f"{limit}b"))
+    dataset = loader.store.dataset
+    assert dataset.num_shards > 30  # many times what fits
+    for shard in range(20):  # fill the cache to its limit, evicting as it goes
+        dataset.prepare_shard(shard)
+    stream_class = type(dataset.streams[0])
+    download = stream_class.prepare_shard
+
+    def slow_download(self, shard):
+        time.sleep(0.2)
+        return download(self, shard)
+
+    monkeypatch.setattr(stream_class, "prepare_shard", slow_download)
+    peaks = {"accounted": 0, "on_disk": 0}
+    done = threading.Event()
+
+    def on_disk() -> int:
+        return sum(p.stat().st_size for p in cache.rglob("*.mds*") if p.is_file())
+
+    def watch():
+        while not done.is_set():
+            peaks["on_disk"] = max(peaks["on_disk"], on_disk())
+            peaks["accounted"] = max(peaks["accounted"], int(dataset.cache_usage))
+            time.sleep(0.001)
+
+    start = threading.Barrier(6)
+
+    def fetch(shard):
+        start.wait(timeout=30)
+        dataset.prepare_shard(shard)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    fetchers = [threading.Thread(target=fetch, args=(shard,)) for shard in range(24, 30)]
+    try:
+        for t in fetchers:
+            t.start()
+        for t in fetchers:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in fetchers), "a fetch never finished"
+    finally:
+        done.set()
+        watcher.join()
+    final = {"accounted": int(dataset.cache_usage), "on_disk": on_disk()}
+    loaded = [shard for shard in range(24, 30) if dataset._shard_states[shard] == _ShardState.LOCAL]
+    loader.close()
+    assert loaded == list(range(24, 30)), "every requested shard is in the cache"
+    # What the files take at any moment, and what streaming counts (reservations included).
+    assert peaks["on_disk"] <= limit and peaks["accounted"] <= limit, peaks
+    assert final["on_disk"] <= final["accounted"] <= limit, final
 
 
 def test_missing_s3_stream_is_named(base_job, s3, s3_bucket, tmp_path):

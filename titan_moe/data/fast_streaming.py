@@ -220,8 +220,12 @@ def _spanner_swapped() -> Iterator[None]:
 
 
 def streaming_dataset(**kwargs: Any):
-    """``streaming.StreamingDataset(**kwargs)`` whose sample lookup is a :class:`ShardSpanner`."""
-    from streaming import StreamingDataset
+    """``streaming.StreamingDataset(**kwargs)`` whose sample lookup is a :class:`ShardSpanner`.
+
+    The class is ``cache_budget.BudgetedStreamingDataset``: the cache limit holds
+    while downloads run concurrently.
+    """
+    from titan_moe.data.cache_budget import BudgetedStreamingDataset
 
     with _spanner_swapped(), gc_paused():
-        return StreamingDataset(**kwargs)
+        return BudgetedStreamingDataset(**kwargs)
