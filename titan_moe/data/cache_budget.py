@@ -14,14 +14,17 @@ in ``cache_usage`` before it releases the lock, and settles to the real size
 when the download is done.  When the in-flight reservations leave no room
 and no local shard is left to evict, a blocking caller waits for a download
 to finish instead of overshooting; a non-blocking one (prefetch) returns
-and the shard is fetched when it is read.  Shards already local, or already
-being fetched, go through streaming's own method unchanged.
+and the shard is fetched when it is read.  A local shard is touched (its
+access time, for eviction order) under the same single lock acquisition;
+a local shard present only as its zip goes through streaming's own method,
+which decompresses it.
 
 Imported only when a store is built (importing streaming costs seconds).
 """
 
 from __future__ import annotations
 
+import os
 from time import sleep, time_ns
 
 from filelock import FileLock
@@ -41,12 +44,15 @@ class BudgetedStreamingDataset(StreamingDataset):
         while True:
             with self._cache_lock():
                 state = self._shard_states[shard_id]
+                if state == _ShardState.LOCAL and self._raw_present(shard_id):
+                    self._shard_access_times[shard_id] = time_ns()  # the common case: a read touches it
+                    return
                 if state == _ShardState.REMOTE and self._make_room(need):
                     self._shard_states[shard_id] = _ShardState.PREPARING
                     self.cache_usage += need  # held for this download until it settles
                     break
             if state == _ShardState.LOCAL:
-                super().prepare_shard(shard_id, blocking)  # touch it (and decompress a zip-only copy)
+                super().prepare_shard(shard_id, blocking)  # only its zip is here: streaming decompresses it
                 return
             if not blocking:
                 return  # being fetched elsewhere, or no room yet: the read fetches it
@@ -74,6 +80,12 @@ class BudgetedStreamingDataset(StreamingDataset):
                 return False
             self._evict_coldest_shard()
         return True
+
+    def _raw_present(self, shard_id: int) -> bool:
+        """Is the shard's decompressed file in the cache (streaming's own test for a usable shard)?"""
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        raw_info, _ = self.shards[shard_id].file_pairs[0]
+        return os.path.isfile(os.path.join(stream.local, stream.split, raw_info.basename))
 
     def _cache_lock(self) -> FileLock:
         # Streaming creates its lock lazily, under this attribute name (a FileLock cannot be pickled).
