@@ -10,6 +10,7 @@ same code) and a titan-moe checkpoint (`eval.checkpoint`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,11 +69,15 @@ class ModuleLogitsModel:
         None when this model's logits are not that product (see `_plain_output_head`);
         the scorer then takes the full logits from ``__call__``.
         """
-        split = _plain_output_head(self.module)
-        if split is None:
+        if self._output_head is None:
             return None
-        trunk, weight = split
+        trunk, weight = self._output_head
         return trunk(tokens.to(self.device)), weight
+
+    @functools.cached_property
+    def _output_head(self):
+        # Decided once per wrapper, not per batch: walking every parameter for DTensors is not free.
+        return _plain_output_head(self.module)
 
     @contextlib.contextmanager
     def scoring(self):
